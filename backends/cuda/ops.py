@@ -1,0 +1,106 @@
+"""Adapters from the ops' contracts to ``torch.ops._C`` (vLLM's compiled CUDA kernels).
+
+vLLM's kernels want contiguous rows and, for rotary, a cache in the query's dtype; the
+adapters make copies only when the caller's tensors do not already qualify, and write results
+back so the in-place and out-parameter contracts hold for strided views too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LIBRARY_ENV = "FL_DISPATCH_VLLM_C"
+"""Path of a vLLM ``_C`` library to load when ``vllm._C`` is not importable (benchmarks)."""
+
+
+def load_vllm_ops() -> str | None:
+    """Make ``torch.ops._C`` available; None on success, else why it is not."""
+    if hasattr(torch.ops._C, "rms_norm"):
+        return None
+    errors = []
+    try:
+        import vllm._C  # noqa: F401
+    except Exception as exc:  # ImportError, or a CPU-only build
+        errors.append(f"import vllm._C: {type(exc).__name__}: {exc}")
+    path = os.environ.get(LIBRARY_ENV)
+    if path and not hasattr(torch.ops._C, "rms_norm"):
+        try:
+            torch.ops.load_library(path)
+        except Exception as exc:
+            errors.append(f"{LIBRARY_ENV}={path}: {type(exc).__name__}: {exc}")
+    if hasattr(torch.ops._C, "rms_norm"):
+        return None
+    return "vLLM's CUDA ops are not loadable (" + "; ".join(errors or ["not found"]) + ")"
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _act(kernel: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x = _rows_contiguous(x)
+    target = out if out is not None and out.is_contiguous() else None
+    result = target if target is not None else torch.empty(
+        x.shape[:-1] + (d,), dtype=x.dtype, device=x.device)
+    getattr(torch.ops._C, kernel)(result, x)
+    if out is not None and target is None:
+        out.copy_(result)
+        return out
+    return result
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _act("silu_and_mul", x, out)
+
+
+def gelu_and_mul(
+    x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    kernels = {"none": "gelu_and_mul", "tanh": "gelu_tanh_and_mul"}
+    if approximate not in kernels:
+        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', "
+                         f"got {approximate!r}")
+    return _act(kernels[approximate], x, out)
+
+
+def _weight(weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if weight is not None:
+        return weight
+    return torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    epsilon: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    w = _weight(weight, x)
+    if residual is None:
+        src = _rows_contiguous(x)
+        out = torch.empty_like(src)
+        torch.ops._C.rms_norm(out, src, w, epsilon)
+        return out
+    xs, rs = _rows_contiguous(x), _rows_contiguous(residual)
+    torch.ops._C.fused_add_rms_norm(xs, rs, w, epsilon)
+    if xs is not x:
+        x.copy_(xs)
+    if rs is not residual:
+        residual.copy_(rs)
+    return x, residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    if cos_sin_cache.dtype != query.dtype:
+        cos_sin_cache = cos_sin_cache.to(query.dtype)
+    torch.ops._C.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)

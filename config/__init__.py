@@ -1,0 +1,1 @@
+"""Platform default policies (``<platform>.yaml``), shipped as package data."""

@@ -1,0 +1,257 @@
+"""The dispatcher: selection computed once per op, frozen into a plain callable.
+
+After the first use of an op, calling its entry costs what calling the chosen function costs:
+with one usable impl (or in strict mode) the entry *is* that function; with fallbacks it is a
+generated function of the op's own signature that calls the chosen impl inside ``try``. The
+first failure of an impl logs one WARNING with the cause, demotes it for the process and
+switches the entry to the next candidate; strict mode lets the exception propagate.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import inspect
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .config import Policy, resolve_policy, validate_against_registry
+from .discovery import PluginSet, load_plugins
+from .errors import ConfigError, NoImplementationError, PluginLoadError
+from .impl import Impl
+from .log import get_logger
+from .opspec import OpSpec
+from .selection import OpSelection, select_op
+
+log = get_logger()
+
+
+def _compile_guard(spec: OpSpec, fn: Callable[..., Any],
+                   on_failure: Callable[[Exception, tuple[Any, ...]], Any]) -> Callable[..., Any]:
+    """Build ``def <op>(<op's params>): try: return fn(...) except Exception: on_failure``.
+
+    ``fn`` is a closure cell, so a fallback swaps it without rebuilding the entry.
+    """
+    params = list(spec.signature.parameters.values())
+    defaults = {f"_d_{p.name}": p.default for p in params if p.default is not p.empty}
+    sig = ", ".join(p.name if p.default is p.empty else f"{p.name}=_d_{p.name}" for p in params)
+    call = ", ".join(p.name for p in params)
+    src = (
+        f"def _factory(fn, on_failure, {', '.join(defaults) or '_unused=None'}):\n"
+        f"    def {spec.name}({sig}):\n"
+        f"        try:\n"
+        f"            return fn({call})\n"
+        f"        except Exception as exc:\n"
+        f"            return on_failure(exc, ({call}{',' if params else ''}))\n"
+        f"    return {spec.name}\n"
+    )
+    scope: dict[str, Any] = {}
+    exec(compile(src, f"<fl_dispatch entry {spec.name}>", "exec"), scope)
+    entry = scope["_factory"](fn, on_failure, **defaults)
+    entry.__doc__ = spec.stub.__doc__
+    return entry
+
+
+def _set_cell(entry: Callable[..., Any], name: str, value: Any) -> None:
+    cell = entry.__closure__[entry.__code__.co_freevars.index(name)]  # type: ignore[index]
+    cell.cell_contents = value
+
+
+class _OpState:
+    """The live fallback chain of one op."""
+
+    def __init__(self, selection: OpSelection):
+        self.selection = selection
+        self.chain: list[Impl] = list(selection.usable)
+        self.entry: Callable[..., Any] | None = None
+
+    @property
+    def current(self) -> Impl:
+        return self.chain[0]
+
+
+class Dispatcher:
+    """Owns the policy, the plugins and the frozen per-op entries of this process."""
+
+    def __init__(self, policy: Policy, plugins: PluginSet):
+        self.policy = policy
+        self.plugins = plugins
+        self.registry = plugins.registry
+        problems = validate_against_registry(
+            policy, {op: [i.impl_id for i in impls] for op, impls in self.registry.impls.items()},
+            self.registry.vendors())
+        if problems:
+            raise ConfigError(problems)
+        for warning in policy.warnings:
+            log.warning(warning)
+        for record in plugins.errors:
+            message = f"backend plugin {record.name!r} ({record.source}) failed: {record.error}"
+            if policy.strict.value:
+                raise PluginLoadError(f"{message}\n{record.traceback}")
+            log.warning("%s; it is skipped (set VLLM_FL_LOG_LEVEL=DEBUG for the traceback)",
+                        message)
+            log.debug("%s", record.traceback)
+        self._checked: dict[str, str | None] = {}
+        self._states: dict[str, _OpState] = {}
+        self._lock = threading.RLock()
+        self.counts: collections.Counter[str] = collections.Counter()
+        if policy.dispatch_debug.value:
+            atexit.register(self.log_counts)
+
+    # ----------------------------------------------------------------- selection
+    def selection(self, op: str) -> OpSelection:
+        """The frozen selection of ``op`` (computed on first use)."""
+        return self._state(op).selection
+
+    def selections(self) -> dict[str, OpSelection]:
+        """Freeze every op and return the selections."""
+        return {op: self.selection(op) for op in self.registry.ops}
+
+    def _state(self, op: str) -> _OpState:
+        state = self._states.get(op)
+        if state is not None:
+            return state
+        with self._lock:
+            state = self._states.get(op)
+            if state is None:
+                if op not in self.registry.ops:
+                    raise KeyError(f"unknown op {op!r}; known: {', '.join(self.registry.ops)}")
+                state = _OpState(select_op(op, self.policy, self.registry, checked=self._checked))
+                chosen = state.selection.chosen
+                if chosen is not None and self.policy.dispatch_debug.value:
+                    log.info("Op '%s' using %s", op, chosen.describe())
+                self._states[op] = state
+            return state
+
+    # ----------------------------------------------------------------- entries
+    def entry(self, op: str) -> Callable[..., Any]:
+        """The callable for ``op``: the chosen impl, guarded by fallback when there is one."""
+        state = self._state(op)
+        if state.entry is None:
+            with self._lock:
+                if state.entry is None:
+                    state.entry = self._build_entry(op, state)
+        return state.entry
+
+    def _build_entry(self, op: str, state: _OpState) -> Callable[..., Any]:
+        spec = self.registry.ops[op]
+        if not state.chain:
+            return self._no_impl(op, state.selection)
+        fn = state.current.fn
+        if len(state.chain) > 1 and not self.policy.strict.value:
+            fn = _compile_guard(spec, fn, lambda exc, args: self._fail(op, exc, args))
+        if self.policy.dispatch_debug.value:
+            fn = self._counted(op, fn)
+        return fn
+
+    def _counted(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        counts = self.counts
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counts[op] += 1
+            return fn(*args, **kwargs)
+
+        counted.__wrapped__ = fn  # type: ignore[attr-defined]
+        return counted
+
+    @staticmethod
+    def _no_impl(op: str, selection: OpSelection) -> Callable[..., Any]:
+        reasons = "; ".join(f"{c.impl.impl_id}: {c.excluded}" for c in selection.candidates)
+        message = f"no usable implementation of op {op!r} ({reasons or 'none registered'})"
+
+        def unavailable(*args: Any, **kwargs: Any) -> Any:
+            raise NoImplementationError(message)
+
+        return unavailable
+
+    def _fail(self, op: str, exc: Exception, args: tuple[Any, ...]) -> Any:
+        """An impl raised: demote it, switch the entry to the next candidate, run that."""
+        with self._lock:
+            state = self._states[op]
+            while True:
+                failed = state.current
+                log.warning("Implementation '%s' failed for op '%s': %s: %s",
+                            failed.impl_id, op, type(exc).__name__, exc)
+                state.chain.pop(0)
+                if not state.chain:
+                    raise exc
+                nxt = state.current
+                log.warning("Op '%s' fallback to %s", op, nxt.describe())
+                guarded = state.entry
+                if guarded is not None:
+                    _set_cell(getattr(guarded, "__wrapped__", guarded), "fn", nxt.fn)
+                try:
+                    return nxt.fn(*args)
+                except Exception as again:
+                    exc = again
+
+    def demoted(self) -> dict[str, list[str]]:
+        """Impl ids demoted so far, per op."""
+        return {op: [i.impl_id for i in s.selection.usable if i not in s.chain]
+                for op, s in self._states.items() if len(s.chain) < len(s.selection.usable)}
+
+    def log_counts(self) -> None:
+        counts = ", ".join(f"{op}={n}" for op, n in sorted(self.counts.items())) or "none"
+        log.info("call counts (pid %d): %s", os.getpid(), counts)
+
+    def selection_line(self) -> str:
+        """``op -> impl_id`` for every op, one line."""
+        parts = []
+        for op, sel in self.selections().items():
+            chosen = sel.chosen
+            parts.append(f"{op}->{chosen.impl_id if chosen else 'NONE'}")
+        return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- process global
+_lock = threading.Lock()
+_dispatcher: Dispatcher | None = None
+
+
+def get_dispatcher() -> Dispatcher:
+    """The process's dispatcher, created on first use from the environment (thread-safe)."""
+    global _dispatcher
+    if _dispatcher is None:
+        with _lock:
+            if _dispatcher is None:
+                policy = resolve_policy()
+                log.setLevel(policy.log_level.value)
+                _dispatcher = Dispatcher(policy, load_plugins(policy.plugin_modules.value))
+    return _dispatcher
+
+
+def reset() -> None:
+    """Forget the dispatcher and every bound entry (after fork, or in tests)."""
+    global _dispatcher, _lock
+    _dispatcher = None
+    _lock = threading.Lock()
+    ops.__dict__.clear()
+
+
+class OpsNamespace:
+    """``fl_dispatch.ops.<op>(...)``: the first lookup freezes the op and binds the entry
+    as a plain attribute, so later lookups cost one attribute read."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            entry = get_dispatcher().entry(name)
+        except KeyError as exc:
+            raise AttributeError(str(exc)) from None
+        self.__dict__[name] = entry
+        return entry
+
+    def __dir__(self) -> list[str]:
+        return list(get_dispatcher().registry.ops)
+
+
+ops = OpsNamespace()
+os.register_at_fork(after_in_child=reset)
+
+
+def get_op(name: str) -> Callable[..., Any]:
+    """The frozen entry of op ``name`` (see :class:`OpsNamespace`)."""
+    return getattr(ops, name)
