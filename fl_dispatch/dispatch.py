@@ -210,16 +210,31 @@ _lock = threading.Lock()
 _dispatcher: Dispatcher | None = None
 
 
+_creation_hooks: list[Callable[[Dispatcher], None]] = []
+
+
+def add_creation_hook(hook: Callable[[Dispatcher], None]) -> None:
+    """Call ``hook(dispatcher)`` whenever this process creates its dispatcher (also again
+    in a forked child, which starts clean). Added once; never called twice per dispatcher."""
+    if hook not in _creation_hooks:
+        _creation_hooks.append(hook)
+
+
 def get_dispatcher() -> Dispatcher:
     """The process's dispatcher, created on first use from the environment (thread-safe)."""
     global _dispatcher
-    if _dispatcher is None:
-        with _lock:
-            if _dispatcher is None:
-                policy = resolve_policy()
-                log.setLevel(policy.log_level.value)
-                _dispatcher = Dispatcher(policy, load_plugins(policy.plugin_modules.value))
-    return _dispatcher
+    if _dispatcher is not None:
+        return _dispatcher
+    with _lock:
+        if _dispatcher is not None:
+            return _dispatcher
+        policy = resolve_policy()
+        log.setLevel(policy.log_level.value)
+        created = Dispatcher(policy, load_plugins(policy.plugin_modules.value))
+        _dispatcher = created
+    for hook in list(_creation_hooks):
+        hook(created)
+    return created
 
 
 def reset() -> None:
