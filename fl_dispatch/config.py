@@ -400,14 +400,15 @@ def resolve_policy(
             out.add(f"env:{wl}", f"{wl} and {bl} are both set; they are mutually exclusive "
                     f"(a whitelist ignores every blacklist): unset one")
 
-    if out.problems:
-        raise ConfigError(out.problems)
-    return Policy(
+    policy = Policy(
         enabled=enabled, platform=platform, use_flaggems=use_flaggems,
         oot_enabled=oot_enabled, log_level=log_level, dispatch_debug=debug,
         plugin_modules=modules, flaggems_oplist_path=oplist, warnings=tuple(warnings),
         **values,
     )
+    if out.problems:
+        raise ConfigError(out.problems, policy=policy)
+    return policy
 
 
 def _apply_env(env: Mapping[str, str], values: dict[str, Setting[Any]], out: _Collector) -> None:

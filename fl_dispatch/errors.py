@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 def closest(value: str, valid: Iterable[str]) -> str | None:
@@ -40,10 +41,16 @@ class FlDispatchError(Exception):
 
 
 class ConfigError(FlDispatchError, ValueError):
-    """The configuration is invalid; ``problems`` lists every problem found."""
+    """The configuration is invalid; ``problems`` lists every problem found.
 
-    def __init__(self, problems: list[Problem]):
+    ``policy``, when given, is the policy resolved from the valid values only (each bad value
+    left at the layer below it), so that callers such as ``fl-dispatch check`` can go on to
+    check the names in it against the loaded backends and report those problems too.
+    """
+
+    def __init__(self, problems: list[Problem], policy: Any = None):
         self.problems = list(problems)
+        self.policy = policy
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid fl-dispatch configuration:\n{lines}")
 

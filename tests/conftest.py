@@ -1,0 +1,55 @@
+"""Shared fixtures: a clean fl-dispatch environment for every test, test plugins, log capture."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+PLUGINS_DIR = Path(__file__).parent / "plugins"
+"""Small backend plugin modules the tests load through ``VLLM_FL_PLUGIN_MODULES``."""
+
+_POLICY_VARS = ("USE_FLAGGEMS", "FLAGGEMS_ENABLE_OPLIST_PATH")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the real environment's VLLM_FL_* (or FlagGems) variables."""
+    for var in list(os.environ):
+        if var.startswith("VLLM_FL_") or var in _POLICY_VARS:
+            monkeypatch.delenv(var)
+
+
+@pytest.fixture
+def test_plugins(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put tests/plugins on sys.path (for VLLM_FL_PLUGIN_MODULES=fl_test_...)."""
+    monkeypatch.syspath_prepend(str(PLUGINS_DIR))
+    return PLUGINS_DIR
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def fl_log():
+    """Records of the ``fl_dispatch`` logger (it does not propagate, so caplog misses it)."""
+    from fl_dispatch.log import get_logger
+
+    logger = get_logger()
+    handler = _ListHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
