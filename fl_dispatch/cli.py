@@ -144,7 +144,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         policy, plugins = _load(env)
     except ConfigError as exc:
-        problems = exc.problems
+        problems = list(exc.problems)
+        if exc.policy is not None:  # the valid rest: check its names against the backends
+            partial: Policy = exc.policy
+            problems += _registry_problems(partial,
+                                           load_plugins(partial.plugin_modules.value))
     else:
         problems = _registry_problems(policy, plugins)
     if problems:
