@@ -578,3 +578,57 @@ def test_without_debug_nothing_is_logged_or_counted(fl_log):
     assert d.entry("rms_norm") is ref.fn
     assert d.counts == {}
     assert fl_log == []
+
+
+# --------------------------------------------------------------------------- plugin-defined ops
+def two_impl_op(name: str, stub: Callable, first: Callable, second: Callable) -> Dispatcher:
+    from fl_dispatch import OpSpec
+
+    class Plugin:
+        @hookimpl
+        def fl_dispatch_define_ops(self):
+            return [OpSpec(name, stub)]
+
+        @hookimpl
+        def fl_dispatch_register_impls(self, registrar):
+            registrar.register(name, first, impl_id="first.flagos", kind="flagos")
+            registrar.register(name, second, impl_id="reference.torch", kind="reference")
+
+    plugin_set = PluginSet([Candidate("p", "test", lambda: Plugin())])
+    assert plugin_set.errors == []
+    return Dispatcher(policy(), plugin_set)
+
+
+@pytest.mark.xfail(strict=True, reason="dispatch.py bug: the generated fallback guard passes "
+                   "every argument positionally, so an op with keyword-only parameters fails "
+                   "in every impl (TypeError) and its whole chain is demoted")
+def test_fallback_guard_keeps_keyword_only_parameters():
+    def _scaled(x, *, scale=1.0):
+        raise NotImplementedError
+
+    def first(x, *, scale=1.0):
+        return ("first", x * scale)
+
+    def second(x, *, scale=1.0):
+        return ("second", x * scale)
+
+    d = two_impl_op("scaled", _scaled, first, second)
+    assert d.entry("scaled")(2, scale=3.0) == ("first", 6.0)
+    assert d.demoted() == {}
+
+
+@pytest.mark.xfail(strict=True, reason="dispatch.py bug: the generated fallback guard's own "
+                   "names (fn, on_failure, exc) collide with op parameters of the same name: "
+                   "an op with a parameter 'fn' calls the argument instead of the impl")
+def test_fallback_guard_with_a_parameter_named_fn():
+    def _apply(fn, x):
+        raise NotImplementedError
+
+    def first(fn, x):
+        return ("first", fn(x))
+
+    def second(fn, x):
+        return ("second", fn(x))
+
+    d = two_impl_op("apply_fn", _apply, first, second)
+    assert d.entry("apply_fn")(lambda v: v + 1, 1) == ("first", 2)
