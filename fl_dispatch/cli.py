@@ -174,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a YAML config (or the effective configuration)")
     p.add_argument("file", nargs="?", help="YAML policy file (default: the environment's)")
     p.set_defaults(func=cmd_check)
-    from . import benchmark, verify  # each imports torch/vllm lazily
+    from . import benchmark, demo, verify  # each imports torch/vllm lazily
 
     verify.register(sub)
     benchmark.register(sub)
+    demo.register(sub)
     return parser
 
 

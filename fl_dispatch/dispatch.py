@@ -13,7 +13,9 @@ import atexit
 import collections
 import inspect
 import os
+import sys
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -28,23 +30,59 @@ from .selection import OpSelection, select_op
 log = get_logger()
 
 
-def _compile_guard(spec: OpSpec, fn: Callable[..., Any],
-                   on_failure: Callable[[Exception, tuple[Any, ...]], Any]) -> Callable[..., Any]:
-    """Build ``def <op>(<op's params>): try: return fn(...) except Exception: on_failure``.
+_IMPL, _FAIL = "_fl_dispatch_impl", "_fl_dispatch_on_failure"
+"""Names of the guard's closure cells; op parameters may not use them (checked)."""
 
-    ``fn`` is a closure cell, so a fallback swaps it without rebuilding the entry.
+
+def _compile_guard(spec: OpSpec, fn: Callable[..., Any],
+                   on_failure: Callable[..., Any]) -> Callable[..., Any]:
+    """Build ``def <op>(<op's params>): try: return impl(...) except: on_failure(...)``.
+
+    The impl is a closure cell, so a fallback swaps it without rebuilding the entry;
+    ``on_failure(failed_impl, exc, args, kwargs)`` gets the impl that actually raised.
     """
     params = list(spec.signature.parameters.values())
+    clash = {p.name for p in params} & {_IMPL, _FAIL, "_fl_f", "_fl_exc"}
+    if clash:
+        raise ValueError(f"op {spec.name!r}: parameter names {sorted(clash)} are reserved")
     defaults = {f"_d_{p.name}": p.default for p in params if p.default is not p.empty}
-    sig = ", ".join(p.name if p.default is p.empty else f"{p.name}=_d_{p.name}" for p in params)
-    call = ", ".join(p.name for p in params)
+    sig: list[str] = []
+    call: list[str] = []  # how the guard passes each parameter on to the impl
+    packed: list[str] = []  # ... and to on_failure: a tuple of positionals, a dict of keywords
+    kw_packed: list[str] = []
+    for p in params:
+        text = p.name if p.default is p.empty else f"{p.name}=_d_{p.name}"
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            sig.append(text)
+            call.append(p.name)
+            packed.append(p.name)
+        elif p.kind is p.VAR_POSITIONAL:
+            sig.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            packed.append(f"*{p.name}")
+        elif p.kind is p.KEYWORD_ONLY:
+            if not any(x.startswith("*") for x in sig):
+                sig.append("*")
+            sig.append(text)
+            call.append(f"{p.name}={p.name}")
+            kw_packed.append(f"{p.name!r}: {p.name}")
+        else:
+            sig.append(f"**{p.name}")
+            call.append(f"**{p.name}")
+            kw_packed.append(f"**{p.name}")
+    positional_only = [i for i, p in enumerate(params) if p.kind is p.POSITIONAL_ONLY]
+    if positional_only:
+        sig.insert(positional_only[-1] + 1, "/")
+    arg_tuple = "(" + "".join(f"{a}, " for a in packed) + ")"
+    kw_dict = "{" + ", ".join(kw_packed) + "}"
     src = (
-        f"def _factory(fn, on_failure, {', '.join(defaults) or '_unused=None'}):\n"
-        f"    def {spec.name}({sig}):\n"
+        f"def _factory({_IMPL}, {_FAIL}, {', '.join(defaults) or '_unused=None'}):\n"
+        f"    def {spec.name}({', '.join(sig)}):\n"
+        f"        _fl_f = {_IMPL}\n"
         f"        try:\n"
-        f"            return fn({call})\n"
-        f"        except Exception as exc:\n"
-        f"            return on_failure(exc, ({call}{',' if params else ''}))\n"
+        f"            return _fl_f({', '.join(call)})\n"
+        f"        except Exception as _fl_exc:\n"
+        f"            return {_FAIL}(_fl_f, _fl_exc, {arg_tuple}, {kw_dict})\n"
         f"    return {spec.name}\n"
     )
     scope: dict[str, Any] = {}
@@ -66,6 +104,7 @@ class _OpState:
         self.selection = selection
         self.chain: list[Impl] = list(selection.usable)
         self.entry: Callable[..., Any] | None = None
+        self.failures: list[str] = []
 
     @property
     def current(self) -> Impl:
@@ -141,7 +180,8 @@ class Dispatcher:
             return self._no_impl(op, state.selection)
         fn = state.current.fn
         if len(state.chain) > 1 and not self.policy.strict.value:
-            fn = _compile_guard(spec, fn, lambda exc, args: self._fail(op, exc, args))
+            fn = _compile_guard(spec, fn, lambda failed, exc, args, kwargs:
+                                self._fail(op, failed, exc, args, kwargs))
         if self.policy.dispatch_debug.value:
             fn = self._counted(op, fn)
         return fn
@@ -166,26 +206,43 @@ class Dispatcher:
 
         return unavailable
 
-    def _fail(self, op: str, exc: Exception, args: tuple[Any, ...]) -> Any:
-        """An impl raised: demote it, switch the entry to the next candidate, run that."""
+    def _fail(self, op: str, failed_fn: Callable[..., Any], exc: Exception,
+              args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``failed_fn`` raised ``exc``: demote it (once, even when several threads saw it
+        fail), switch the entry to the next candidate and run that; when every candidate has
+        failed, re-raise and make later calls raise NoImplementationError."""
         with self._lock:
             state = self._states[op]
             while True:
-                failed = state.current
-                log.warning("Implementation '%s' failed for op '%s': %s: %s",
-                            failed.impl_id, op, type(exc).__name__, exc)
-                state.chain.pop(0)
+                failed = next((i for i in state.chain if i.fn is failed_fn), None)
+                if failed is not None:
+                    log.warning("Implementation '%s' failed for op '%s': %s: %s",
+                                failed.impl_id, op, type(exc).__name__, exc)
+                    state.chain.remove(failed)
+                    state.failures.append(f"{failed.impl_id}: {type(exc).__name__}: {exc}")
+                guarded = state.entry
+                guard = getattr(guarded, "__wrapped__", guarded)
                 if not state.chain:
+                    _set_cell(guard, _IMPL, self._exhausted(op, state))
                     raise exc
                 nxt = state.current
-                log.warning("Op '%s' fallback to %s", op, nxt.describe())
-                guarded = state.entry
-                if guarded is not None:
-                    _set_cell(getattr(guarded, "__wrapped__", guarded), "fn", nxt.fn)
+                if failed is not None:
+                    log.warning("Op '%s' fallback to %s", op, nxt.describe())
+                _set_cell(guard, _IMPL, nxt.fn)
                 try:
-                    return nxt.fn(*args)
+                    return nxt.fn(*args, **kwargs)
                 except Exception as again:
-                    exc = again
+                    failed_fn, exc = nxt.fn, again
+
+    @staticmethod
+    def _exhausted(op: str, state: _OpState) -> Callable[..., Any]:
+        message = (f"every implementation of op {op!r} failed in this process: "
+                   + "; ".join(state.failures))
+
+        def exhausted(*args: Any, **kwargs: Any) -> Any:
+            raise NoImplementationError(message)
+
+        return exhausted
 
     def demoted(self) -> dict[str, list[str]]:
         """Impl ids demoted so far, per op."""
@@ -237,36 +294,43 @@ def get_dispatcher() -> Dispatcher:
     return created
 
 
+def current_dispatcher() -> Dispatcher | None:
+    """The process's dispatcher if one was created, else None (creates nothing)."""
+    return _dispatcher
+
+
 def reset() -> None:
     """Forget the dispatcher and every bound entry (after fork, or in tests)."""
     global _dispatcher, _lock
     _dispatcher = None
     _lock = threading.Lock()
-    ops.__dict__.clear()
+    for name in _bound:
+        ops.__dict__.pop(name, None)
+    _bound.clear()
 
 
-class OpsNamespace:
-    """``fl_dispatch.ops.<op>(...)``: the first lookup freezes the op and binds the entry
-    as a plain attribute, so later lookups cost one attribute read."""
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            entry = get_dispatcher().entry(name)
-        except KeyError as exc:
-            raise AttributeError(str(exc)) from None
-        self.__dict__[name] = entry
-        return entry
-
-    def __dir__(self) -> list[str]:
-        return list(get_dispatcher().registry.ops)
+def _bind_op(name: str) -> Callable[..., Any]:
+    """PEP 562 ``__getattr__`` of ``fl_dispatch.ops``: freeze op ``name`` and bind its entry
+    as a plain module attribute, so later lookups are ordinary (specialized) reads."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        entry = get_dispatcher().entry(name)
+    except KeyError as exc:
+        raise AttributeError(str(exc)) from None
+    setattr(ops, name, entry)
+    _bound.add(name)
+    return entry
 
 
-ops = OpsNamespace()
+_bound: set[str] = set()
+ops = types.ModuleType("fl_dispatch.ops", "The dispatched ops: ``fl_dispatch.ops.<op>(...)``.")
+ops.__getattr__ = _bind_op  # type: ignore[attr-defined]
+ops.__dir__ = lambda: list(get_dispatcher().registry.ops)  # type: ignore[attr-defined]
+sys.modules.setdefault("fl_dispatch.ops", ops)
 os.register_at_fork(after_in_child=reset)
 
 
 def get_op(name: str) -> Callable[..., Any]:
-    """The frozen entry of op ``name`` (see :class:`OpsNamespace`)."""
+    """The frozen entry of op ``name`` (the same object as ``fl_dispatch.ops.<name>``)."""
     return getattr(ops, name)

@@ -149,7 +149,24 @@ def _set_up_process(dispatcher: Any) -> None:
 
 def call_counts(worker: Any = None) -> dict[str, int]:
     """Per-op call counts of this process (non-empty with ``VLLM_FL_DISPATCH_DEBUG=1``).
-    Usable as ``LLM.collective_rpc(call_counts)``, which passes the worker."""
-    from .dispatch import get_dispatcher
+    Usable as ``LLM.collective_rpc(call_counts)``, which passes the worker. Empty where
+    nothing was dispatched (creates no dispatcher)."""
+    from .dispatch import current_dispatcher
 
-    return dict(get_dispatcher().counts)
+    d = current_dispatcher()
+    return dict(d.counts) if d is not None else {}
+
+
+def selection(worker: Any = None) -> dict[str, Any] | None:
+    """This process's identity and chosen impl per op (for ``LLM.collective_rpc``); None
+    where nothing was dispatched (creates no dispatcher)."""
+    from .dispatch import current_dispatcher
+
+    d = current_dispatcher()
+    if d is None:
+        return None
+    return {"process": process_identity(),
+            "selection": {op: {"impl_id": s.chosen.impl_id, "kind": s.chosen.kind,
+                               "vendor": s.chosen.vendor} if s.chosen else None
+                          for op, s in d.selections().items()},
+            "demoted": d.demoted()}

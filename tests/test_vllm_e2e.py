@@ -1,0 +1,134 @@
+"""End to end: vLLM (CPU build) generating with a tiny local model through fl-dispatch.
+
+Each generation runs in a fresh process (``fl_dispatch.demo_run``), with the engine core and
+the worker in further processes of their own, as vLLM starts them. Runs are cached per module
+so that each configuration starts vLLM once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from fl_dispatch.demo import run_generation
+from fl_dispatch.demo_model import BASE_CONFIG, build_model
+
+LAYERS = BASE_CONFIG["num_hidden_layers"]
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 256, 99], [300, 301, 302]]
+MAX_TOKENS = 12
+PLUGINS = str(Path(__file__).parent / "e2e_plugins")
+_runs: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return build_model("llama", root=tmp_path_factory.mktemp("models"))
+
+
+def generate(name: str, model: Path, tmp_path_factory, *, eager: bool = True, tp: int = 1,
+             **env_extra: str) -> dict:
+    """Run (once per name) a generation with ``env_extra`` on top of a clean environment."""
+    if name not in _runs:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("VLLM_FL_", "TRITON_INTERPRET", "USE_FLAGGEMS"))}
+        env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_FL_DISPATCH_DEBUG="1",
+                   PYTHONPATH=os.pathsep.join([PLUGINS, env.get("PYTHONPATH", "")]))
+        if tp > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1))
+                                                        for i in range(tp))
+        env.update(env_extra)
+        request = {"model": str(model), "eager": eager, "max_tokens": MAX_TOKENS,
+                   "prompts": PROMPTS, "tensor_parallel_size": tp}
+        log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+        _runs[name] = run_generation(request, env, name, log, quiet=True)
+    return _runs[name]
+
+
+def stock(model, tmp):
+    """vLLM without fl-dispatch loaded at all (vLLM's own plugin allow-list excludes it)."""
+    return generate("stock", model, tmp, VLLM_PLUGINS="not_fl_dispatch")
+
+
+def selection_lines(result: dict) -> list[str]:
+    return [line for line in Path(result["log"]).read_text().splitlines()
+            if re.search(r"fl_dispatch \[INFO\] fl-dispatch rank=", line)]
+
+
+def deltas(result: dict, worker: int = 0) -> dict[str, int]:
+    before, after = result["counts_before"][worker], result["counts"][worker]
+    return {op: after.get(op, 0) - before.get(op, 0) for op in after}
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_reference_backend_matches_stock_vllm(model, tmp_path_factory, eager):
+    on = generate(f"reference-{eager}", model, tmp_path_factory, eager=eager,
+                  VLLM_FL_PREFER="reference", VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    off = generate(f"off-{eager}", model, tmp_path_factory, eager=eager,
+                   VLLM_FL_PREFER_ENABLED="0")
+    assert on["tokens"] == off["tokens"]
+    assert all(len(t) == MAX_TOKENS for t in on["tokens"])
+    # every op ran the reference in the worker (the loaded perturb backend was not selected)
+    (sel,) = on["selection"]
+    assert sel["selection"]["rms_norm"]["impl_id"] == "reference.torch"
+    assert "VllmWorker" in sel["process"]
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_dispatch_happens_in_the_worker_per_generated_token(model, tmp_path_factory, eager):
+    """Each generated token is one forward step: per step, silu_and_mul and rotary run once
+    per layer and rms_norm twice per layer plus the final norm."""
+    on = generate(f"reference-{eager}", model, tmp_path_factory, eager=eager,
+                  VLLM_FL_PREFER="reference", VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    d = deltas(on)
+    steps = d["silu_and_mul"] // LAYERS
+    assert steps >= MAX_TOKENS  # at least one forward per generated token
+    assert steps <= MAX_TOKENS + 2  # and not a per-call trickle from elsewhere
+    assert d["silu_and_mul"] == steps * LAYERS
+    assert d["rotary_embedding"] == steps * LAYERS
+    assert d["rms_norm"] == steps * (2 * LAYERS + 1)
+
+
+def test_selected_perturbing_backend_changes_tokens(model, tmp_path_factory):
+    off = generate("off-True", model, tmp_path_factory, VLLM_FL_PREFER_ENABLED="0")
+    bad = generate("perturb", model, tmp_path_factory, VLLM_FL_PLUGIN_MODULES="perturb_backend",
+                   VLLM_FL_PER_OP="rms_norm=vendor:perturb|reference")
+    (sel,) = bad["selection"]
+    assert sel["selection"]["rms_norm"]["impl_id"] == "vendor.perturb"
+    assert deltas(bad)["rms_norm"] > 0
+    assert bad["tokens"] != off["tokens"]
+
+
+def test_disabled_plugin_is_stock_vllm(model, tmp_path_factory):
+    off = generate("off-True", model, tmp_path_factory, VLLM_FL_PREFER_ENABLED="0")
+    base = stock(model, tmp_path_factory)
+    assert off["tokens"] == base["tokens"]
+    assert selection_lines(off) == []
+    assert "fl_dispatch" not in Path(off["log"]).read_text()
+    assert off["counts"] in (None, [{}])  # nothing was dispatched in the worker
+    assert off["selection"] in (None, [None])
+
+
+def test_each_process_logs_its_selection(model, tmp_path_factory):
+    on = generate("reference-True", model, tmp_path_factory, VLLM_FL_PREFER="reference",
+                  VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    lines = selection_lines(on)
+    processes = {re.search(r"process=(\S+):", line).group(1) for line in lines}
+    assert {"MainProcess", "EngineCore", "VllmWorker-0"} <= processes
+    worker = next(line for line in lines if "VllmWorker-0" in line)
+    assert "rank=0" in worker and "rms_norm->reference.torch" in worker
+
+
+def test_tensor_parallel_workers_each_log_their_selection(model, tmp_path_factory):
+    tp = generate("tp2", model, tmp_path_factory, tp=2, VLLM_FL_PREFER="reference")
+    single = generate("reference-True", model, tmp_path_factory, VLLM_FL_PREFER="reference",
+                      VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    assert tp["tokens"] == single["tokens"]
+    workers = [line for line in selection_lines(tp) if "VllmWorker" in line]
+    ranks = sorted(re.search(r"rank=(\d+)", line).group(1) for line in workers)
+    assert ranks == ["0", "1"]
+    pids = {re.search(r"pid=(\d+)", line).group(1) for line in workers}
+    assert len(pids) == 2
+    assert len(tp["selection"]) == 2 and all(deltas(tp, w)["rms_norm"] > 0 for w in (0, 1))
