@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from . import torch_ops
 from .dispatch import ops
@@ -162,3 +163,46 @@ def register_layers(allows: Callable[[str], bool], strict: bool) -> OotReport:
             target.register_oot(replacement, name=key)
             report.replaced.append(key)
     return report
+
+
+PROVIDER = "fl_dispatch"
+"""Our provider name in vLLM's IR op registry."""
+
+
+def _ir_rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
+                 variance_size: int | None = None) -> Tensor:
+    return ops.rms_norm(x, weight, epsilon)
+
+
+def _ir_fused_add_rms_norm(x: Tensor, x_residual: Tensor, weight: Tensor | None,
+                           epsilon: float, variance_size: int | None = None
+                           ) -> tuple[Tensor, Tensor]:
+    return ops.rms_norm(x, weight, epsilon, x_residual)
+
+
+def _plain_variance(x, weight, epsilon, variance_size=None) -> bool:
+    return variance_size is None
+
+
+def _plain_variance_add(x, x_residual, weight, epsilon, variance_size=None) -> bool:
+    return variance_size is None
+
+
+def register_ir_providers(allows: Callable[[str], bool]) -> list[str]:
+    """Offer the dispatched rms_norm as provider ``fl_dispatch`` of vLLM's IR ops
+    (``vllm.ir.ops.rms_norm`` / ``fused_add_rms_norm``; the residual one in place), for
+    layers that route through the IR (select it with ``--ir-op-priority``). Idempotent;
+    returns the IR ops it serves."""
+    from vllm import ir
+
+    if not allows("rms_norm"):
+        return []
+    served = []
+    for op, fn, check, inplace in (
+        (ir.ops.rms_norm, _ir_rms_norm, _plain_variance, False),
+        (ir.ops.fused_add_rms_norm, _ir_fused_add_rms_norm, _plain_variance_add, True),
+    ):
+        if PROVIDER not in op.impls:
+            op.register_impl(PROVIDER, supports_args=check, inplace=inplace)(fn)
+        served.append(op.name)
+    return served

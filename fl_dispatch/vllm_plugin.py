@@ -132,12 +132,13 @@ def register() -> None:
 
 def _set_up_process(dispatcher: Any) -> None:
     """Everything one process needs, once per dispatcher (a forked child gets its own)."""
-    from .vllm_layers import register_layers
+    from .vllm_layers import register_ir_providers, register_layers
 
     dispatcher._fl_announced = True
     policy = dispatcher.policy
     report = register_layers(policy.oot_allows, policy.strict.value)
     _state["oot_replaced"] = report.replaced
+    register_ir_providers(policy.oot_allows)
     _patch_compile_hash()
     _patch_attention_backend()
     selection = dispatcher.selection_line()

@@ -1,0 +1,204 @@
+"""The vLLM glue without starting an engine: layer replacement, opaque ops under
+torch.compile, the vllm.ir provider, the compile-cache fingerprint, the attention backend,
+collisions with other plugins, and the global switch. Each case runs in a fresh interpreter,
+because vLLM's out-of-tree layer registry is process-global."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PLUGINS = str(Path(__file__).parent / "e2e_plugins")
+
+PRELUDE = """
+import json, torch
+from vllm.config import VllmConfig, set_current_vllm_config
+def emit(**kw):
+    print("RESULT " + json.dumps(kw))
+"""
+
+
+def run(code: str, **env_extra: str) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
+    env["PYTHONPATH"] = os.pathsep.join([PLUGINS, env.get("PYTHONPATH", "")])
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    results = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, proc.stderr[-3000:]
+    return json.loads(results[-1][len("RESULT "):]), proc.stderr
+
+
+def test_layers_are_replaced_and_match_vllm_native_eager_and_compiled():
+    result, log = run("""
+    from fl_dispatch import vllm_plugin
+    vllm_plugin.register()
+    vllm_plugin.register()  # idempotent
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.activation import SiluAndMul
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    from vllm import ir
+    out = {}
+    with set_current_vllm_config(VllmConfig()):
+        norm, act = RMSNorm(64, eps=1e-6), SiluAndMul()
+        rope = get_rope(32, max_position=128, is_neox_style=True, rope_parameters=None,
+                        dtype=torch.float32)
+    out["classes"] = [type(m).__name__ for m in (norm, act, rope)]
+    torch.manual_seed(0)
+    norm.weight.data.normal_()
+    x, r = torch.randn(5, 64), torch.randn(5, 64)
+    native = ir.ops.rms_norm.impls["native"].impl_fn
+    native_add = ir.ops.fused_add_rms_norm.impls["native"].impl_fn
+    out["norm"] = torch.equal(norm(x), native(x, norm.weight.data, 1e-6))
+    xc, rc = x.clone(), r.clone()
+    o, res = norm(xc, rc)
+    eo, er = native_add(x, r, norm.weight.data, 1e-6)
+    out["norm_add_inplace"] = o is xc and res is rc and torch.equal(o, eo) and torch.equal(res, er)
+    h = torch.randn(5, 128)
+    out["silu"] = torch.equal(act(h), SiluAndMul.forward_native(h))
+    pos = torch.arange(5)
+    q, k = torch.randn(5, 4 * 32), torch.randn(5, 2 * 32)
+    eq, ek = rope.forward_static(pos, q.clone(), k.clone(), 32, 32, rope.cos_sin_cache, True)
+    qq, kk = rope(pos, q, k)
+    out["rope_inplace"] = qq is q and torch.equal(q, eq) and torch.equal(k, ek)
+    def block(x, r, h):
+        o, r2 = norm(x, r)
+        return act(h) * 2, o + 0, r2 + 0
+    compiled = torch.compile(block, backend="inductor", fullgraph=True)
+    xa, ra = x.clone(), r.clone()
+    c = compiled(xa, ra, h)
+    out["compiled"] = torch.equal(c[0], SiluAndMul.forward_native(h) * 2) and \\
+        torch.allclose(c[1], eo) and torch.allclose(c[2], er)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from fl_dispatch import get_dispatcher
+    d = get_dispatcher()
+    before = d.counts["silu_and_mul"]
+    compiled(x.clone(), r.clone(), h)
+    out["compiled_calls_dispatch"] = d.counts["silu_and_mul"] - before
+    gm = torch._dynamo.export(block)(x.clone(), r.clone(), h).graph_module
+    out["graph_ops"] = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                               and "fl_dispatch" in str(n.target)})
+    emit(**out)
+    """, VLLM_FL_DISPATCH_DEBUG="1")
+    assert result["classes"] == ["FlDispatchRMSNorm", "FlDispatchSiluAndMul",
+                                 "FlDispatchRotaryEmbedding"]
+    for key in ("norm", "norm_add_inplace", "silu", "rope_inplace", "compiled"):
+        assert result[key] is True, key
+    assert result["compiled_calls_dispatch"] == 1  # the compiled graph calls the entry
+    assert result["graph_ops"] == ["fl_dispatch.fused_add_rms_norm",
+                                   "fl_dispatch.silu_and_mul"]
+    assert log.count("fl-dispatch rank=") == 1
+
+
+def test_oot_lists_decide_which_layers_are_replaced():
+    code = """
+    from fl_dispatch import vllm_plugin
+    vllm_plugin.register()
+    from vllm.model_executor.custom_op import op_registry_oot
+    emit(replaced=sorted(k for k, v in op_registry_oot.items() if hasattr(v, "_fl_dispatch_layer")))
+    """
+    black, _ = run(code, VLLM_FL_OOT_BLACKLIST="rms_norm,silu_and_mul")
+    assert "RMSNorm" not in black["replaced"] and "SiluAndMul" not in black["replaced"]
+    assert "RotaryEmbedding" in black["replaced"] and "GeluAndMul" in black["replaced"]
+    white, _ = run(code, VLLM_FL_OOT_WHITELIST="rms_norm")
+    assert white["replaced"] == ["RMSNorm"]
+    off, _ = run(code, VLLM_FL_OOT_ENABLED="0")
+    assert off["replaced"] == []
+
+
+def test_collision_with_another_plugins_layer_is_reported():
+    code = """
+    from vllm.model_executor.layers.activation import SiluAndMul
+    @SiluAndMul.register_oot
+    class VendorSilu(SiluAndMul):
+        pass
+    from fl_dispatch import vllm_plugin
+    try:
+        vllm_plugin.register()
+        emit(raised=None)
+    except RuntimeError as exc:
+        emit(raised=str(exc))
+    """
+    result, log = run(code)
+    assert result["raised"] is None
+    assert "vLLM layer SiluAndMul is already replaced out-of-tree by __main__.VendorSilu" in log
+    strict, _ = run(code, VLLM_FL_STRICT="1")
+    assert "already replaced out-of-tree by __main__.VendorSilu" in strict["raised"]
+
+
+def test_disabled_plugin_does_nothing():
+    result, log = run("""
+    from fl_dispatch import vllm_plugin, dispatch
+    vllm_plugin.register()
+    from vllm.model_executor.custom_op import op_registry_oot
+    emit(oot=sorted(op_registry_oot), dispatcher=dispatch.current_dispatcher() is not None,
+         ops=hasattr(torch.ops.fl_dispatch, "rms_norm"))
+    """, VLLM_FL_PREFER_ENABLED="false")
+    assert result == {"oot": [], "dispatcher": False, "ops": False}
+    assert "fl_dispatch" not in log
+
+
+def test_compile_cache_key_changes_with_the_selection():
+    code = """
+    from fl_dispatch import vllm_plugin
+    from vllm.config import VllmConfig
+    stock = VllmConfig.compute_hash(VllmConfig())
+    vllm_plugin.register()
+    emit(stock=stock, ours=VllmConfig().compute_hash(), fp=vllm_plugin.fingerprint())
+    """
+    ref, _ = run(code, VLLM_FL_PREFER="reference", VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    other, _ = run(code, VLLM_FL_PREFER="vendor", VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    again, _ = run(code, VLLM_FL_PREFER="reference", VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    assert ref["stock"] == other["stock"]
+    assert ref["ours"] != ref["stock"] and len(ref["ours"]) == len(ref["stock"])
+    assert ref["fp"] != other["fp"] and ref["ours"] != other["ours"]
+    assert ref["ours"] == again["ours"]  # stable across processes
+
+
+def test_ir_provider_serves_vllm_ir_rms_norm():
+    result, _ = run("""
+    from fl_dispatch import vllm_plugin, get_dispatcher
+    vllm_plugin.register()
+    from vllm import ir
+    x, w, r = torch.randn(3, 32), torch.randn(32), torch.randn(3, 32)
+    before = get_dispatcher().counts["rms_norm"]
+    with ir.ops.rms_norm.set_priority(["fl_dispatch", "native"]):
+        a = ir.ops.rms_norm(x, w, 1e-5)
+    with ir.ops.fused_add_rms_norm.set_priority(["fl_dispatch", "native"]):
+        o, s = ir.ops.fused_add_rms_norm(x, r, w, 1e-5)
+    eo, es = ir.ops.fused_add_rms_norm.impls["native"].impl_fn(x, r, w, 1e-5)
+    emit(providers=sorted(ir.ops.rms_norm.impls),
+         same=torch.equal(a, ir.ops.rms_norm.impls["native"].impl_fn(x, w, 1e-5)),
+         same_add=torch.equal(o, eo) and torch.equal(s, es),
+         calls=get_dispatcher().counts["rms_norm"] - before)
+    """, VLLM_FL_DISPATCH_DEBUG="1")
+    assert "fl_dispatch" in result["providers"]
+    assert result["same"] and result["same_add"] and result["calls"] == 2
+
+
+def test_attention_backend_choice_and_user_override():
+    code = """
+    from fl_dispatch import vllm_plugin
+    vllm_plugin.register()
+    from types import SimpleNamespace
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    auto = SimpleNamespace(model_config=SimpleNamespace(use_mla=False),
+                           attention_config=SimpleNamespace(backend=None))
+    chosen = vllm_plugin.apply_attention_backend(auto)
+    user = SimpleNamespace(model_config=SimpleNamespace(use_mla=False),
+                           attention_config=SimpleNamespace(backend=AttentionBackendEnum.FLEX_ATTENTION))
+    kept = vllm_plugin.apply_attention_backend(user)
+    emit(chosen=chosen, applied=str(getattr(auto.attention_config.backend, "name", None)),
+         kept=kept, user=user.attention_config.backend.name)
+    """
+    result, log = run(code, VLLM_FL_PLUGIN_MODULES="attention_backend_plugin",
+                      VLLM_FL_PER_OP="attention_backend=vendor:attnpick")
+    assert result["chosen"] == "TRITON_ATTN" and result["applied"] == "TRITON_ATTN"
+    assert result["kept"] == "FLEX_ATTENTION" and result["user"] == "FLEX_ATTENTION"
+    assert "the user's explicit FLEX_ATTENTION wins over TRITON_ATTN" in log
+    default, _ = run(code)  # the reference returns None: vLLM's own choice stays
+    assert default["chosen"] is None and default["applied"] == "None"
