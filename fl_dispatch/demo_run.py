@@ -32,8 +32,14 @@ def run(request: dict) -> dict:
     prompts = [{"prompt_token_ids": p} for p in request["prompts"]]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     done = time.perf_counter()
+    repeats = []
+    for _ in range(request.get("repeats", 0)):  # timed again, warm
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        repeats.append(time.perf_counter() - t)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     return {"tokens": tokens, "startup_s": ready - started, "generate_s": done - ready,
+            "repeats_s": repeats,
             "counts_before": counts_before, "counts": _rpc(llm, "call_counts"),
             "selection": _rpc(llm, "selection")}
 
