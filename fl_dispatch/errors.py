@@ -54,6 +54,10 @@ class ConfigError(FlDispatchError, ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid fl-dispatch configuration:\n{lines}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt from the problems, not from the message (it crosses vLLM's processes)
+        return (type(self), (self.problems, self.policy))
+
 
 class RegistrationError(FlDispatchError, ValueError):
     """A backend tried to register an op or impl that breaks the rules."""

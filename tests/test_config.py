@@ -542,3 +542,15 @@ def test_config_error_carries_the_valid_rest_of_the_policy(tmp_path):
     assert partial.prefer.value == "vendor"
     assert partial.strict.value is False and partial.strict.source == "default"
     assert partial.op_backends.value == {"rms_nrm": ("reference",)}  # names checked later
+
+
+def test_config_error_survives_pickling(tmp_path):
+    """vLLM moves exceptions between its processes: the message must survive the trip."""
+    import pickle
+
+    with pytest.raises(ConfigError) as info:
+        resolve(VLLM_FL_STRICT="maybe", VLLM_FL_PREFER="vendor")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert str(copy) == str(info.value)
+    assert copy.problems == info.value.problems
+    assert copy.policy == info.value.policy
