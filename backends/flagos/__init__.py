@@ -1,10 +1,33 @@
-"""The flagos backend: vendor-neutral Triton kernels (and FlagGems where it imports)."""
+"""The flagos backend: vendor-neutral Triton kernels (and FlagGems where it imports).
+
+Registering imports neither Triton nor our kernels: the adapters in :mod:`.ops` load and
+compile a kernel on its first call; the capability check imports Triton only.
+"""
 
 from __future__ import annotations
 
 from fl_dispatch import BackendInfo, hookimpl
 
+from .capability import unavailable_reason
+
+IMPL_ID = "default.flagos"
+KIND = "flagos"
+OPS = ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding")
+
 
 @hookimpl
 def fl_dispatch_backend_info() -> BackendInfo:
-    return BackendInfo("flagos", "vendor-neutral Triton kernels")
+    return BackendInfo("flagos", "vendor-neutral Triton kernels", unavailable_reason)
+
+
+@hookimpl
+def fl_dispatch_register_impls(registrar) -> None:
+    from . import flaggems, ops
+
+    for name in OPS:
+        registrar.register(name, getattr(ops, name), impl_id=IMPL_ID, kind=KIND,
+                           check=unavailable_reason)
+    for name in flaggems.OPS:
+        registrar.register(name, getattr(flaggems, name), impl_id=flaggems.IMPL_ID,
+                           kind=KIND, priority=flaggems.PRIORITY,
+                           check=flaggems.flaggems_unavailable_reason)

@@ -1,0 +1,152 @@
+"""FlagGems: its aten-level registration and its fused kernels as extra flagos impls.
+
+``flag_gems`` is a GPU-only dependency: importing it fails without a GPU, and its kernels do not
+run under ``TRITON_INTERPRET``. It is imported here only when asked (a capability check, the
+per-process hook), never when our package is imported; the import error is kept as the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+IMPL_ID = "default.flagos.flaggems"
+PRIORITY = 140
+"""Below our own kernels (150): FlagGems' were not measured faster on the ops we cover."""
+
+
+@functools.lru_cache(maxsize=1)
+def _import() -> tuple[Any, str | None]:
+    try:
+        return importlib.import_module("flag_gems"), None
+    except Exception as exc:  # ImportError, or a RuntimeError from a GPU-less machine
+        return None, f"import flag_gems failed ({type(exc).__name__}: {exc})"
+
+
+def flaggems_unavailable_reason() -> str | None:
+    """None when ``flag_gems`` imports here, else why it does not (imports it once)."""
+    return _import()[1]
+
+
+def _flag_gems() -> Any:
+    module, reason = _import()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def oplist_path(base: str, rank: str | None = None) -> Path:
+    """The per-process record file: ``base`` with ``.rank<R>`` (or ``.pid<P>``) before its
+    suffix, so every vLLM worker writes its own (``/tmp/x.txt`` -> ``/tmp/x.rank0.txt``)."""
+    if rank is None:
+        rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
+    tag = f"rank{rank}" if rank else f"pid{os.getpid()}"
+    path = Path(base)
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def _registered_ops(flag_gems: Any) -> list[str] | None:
+    for name in ("all_registered_ops", "all_registered_keys"):
+        fn = getattr(flag_gems, name, None)
+        if fn is None:
+            continue
+        try:
+            return sorted(str(op) for op in fn())
+        except Exception:  # older FlagGems: no registrar recorded yet
+            continue
+    return None
+
+
+def enable_flaggems(policy: Any) -> str:
+    """Register FlagGems' aten ops as the policy says; one line describing what happened.
+
+    Whitelist set: ``flag_gems.only_enable(include=whitelist)``; otherwise
+    ``flag_gems.enable(unused=blacklist)``. The enabled ops are written, one per line, to the
+    per-process file derived from ``policy.flaggems_oplist_path`` (see :func:`oplist_path`).
+    Returns the reason instead when ``use_flaggems`` is off or FlagGems is unavailable."""
+    if not policy.use_flaggems.value:
+        return f"FlagGems aten registration off (use_flaggems=False from " \
+               f"{policy.use_flaggems.source})"
+    reason = flaggems_unavailable_reason()
+    if reason is not None:
+        return f"FlagGems unavailable: {reason}"
+    flag_gems = _flag_gems()
+    whitelist = policy.flagos_whitelist.value
+    if whitelist is not None:
+        flag_gems.only_enable(include=list(whitelist))
+        how = f"only_enable(include={len(whitelist)} ops)"
+    else:
+        blacklist = list(policy.flagos_blacklist.value or ())
+        flag_gems.enable(unused=blacklist)
+        how = f"enable(unused={len(blacklist)} ops)"
+    ops = _registered_ops(flag_gems)
+    path = oplist_path(policy.flaggems_oplist_path.value)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{op}\n" for op in ops) if ops is not None
+                        else "# this FlagGems version does not list its registered ops\n")
+        where = f"recorded in {path}"
+    except OSError as exc:
+        where = f"not recorded ({path}: {exc})"
+    count = "?" if ops is None else str(len(ops))
+    version = getattr(flag_gems, "__version__", "?")
+    return f"FlagGems {version}: {how}, {count} aten ops enabled, {where}"
+
+
+# ----------------------------------------------------------------------------- impls
+# FlagGems' fused kernels, adapted to the ops' contracts (its fused add + norm works on
+# contiguous copies, so the results are written back into the caller's views).
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    result = _flag_gems().silu_and_mul(x[..., :d], x[..., d:])
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def gelu_and_mul(
+    x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', "
+                         f"got {approximate!r}")
+    d = x.shape[-1] // 2
+    result = _flag_gems().gelu_and_mul(x[..., :d], x[..., d:], approximate)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    epsilon: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    flag_gems = _flag_gems()
+    n = x.shape[-1]
+    w = weight if weight is not None else torch.ones(n, dtype=x.dtype, device=x.device)
+    if residual is None:
+        return flag_gems.rms_norm(x, [n], w, epsilon)
+    xs, rs = flag_gems.fused_add_rms_norm(x, residual, [n], w, epsilon)
+    if xs.data_ptr() != x.data_ptr() or xs.stride() != x.stride():
+        x.copy_(xs)
+    if rs.data_ptr() != residual.data_ptr() or rs.stride() != residual.stride():
+        residual.copy_(rs)
+    return x, residual
+
+
+OPS = ("silu_and_mul", "gelu_and_mul", "rms_norm")
+"""Ops with a FlagGems impl (its rotary kernel takes separate cos/sin tensors and rotates
+whole heads: not registered)."""

@@ -1,0 +1,139 @@
+"""A cached Triton launcher: the compiled kernel's launcher is called directly once known.
+
+``JITFunction.run`` binds the arguments, specializes every one of them and hashes the result
+on every call (about 11 µs of host time on an H100 host). Our op adapters know exactly what a
+kernel specializes on, so they hand in a ``key`` that determines it; after the first launch
+with a key (the slow path, through Triton's own ``run``, which compiles when needed), later
+launches with that key call ``CompiledKernel.run`` straight away.
+
+The key must be at least as fine as Triton's specialization: for every tensor argument its
+dtype and whether its address is 16-byte aligned; for every specialized integer its value
+(or at least: == 1, divisible by 16, fits in int32); every constexpr; ``num_warps``.
+
+The kernels are plain Python functions decorated here, on first use, so that the choice
+between the compiler and the CPU interpreter (``TRITON_INTERPRET``) is made when a kernel first
+runs, not when a module is imported. The interpreter always takes the slow path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .capability import interpreter_enabled
+from .interpreter_rounding import interpreter_rounds_to_nearest
+
+_LAUNCHER_PARAMS = 9
+"""Leading parameters of ``CompiledKernel.run`` before the kernel's own arguments: gridX,
+gridY, gridZ, stream, function, packed metadata, launch metadata, enter hook, exit hook."""
+
+
+def _hooks_active() -> bool:
+    """Whether a Triton launch hook (a profiler, say) is installed: then never bypass run."""
+    try:
+        from triton import knobs
+
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    except (ImportError, AttributeError):
+        from triton.compiler import CompiledKernel
+
+        hooks = (getattr(CompiledKernel, "launch_enter_hook", None),
+                 getattr(CompiledKernel, "launch_exit_hook", None))
+    for hook in hooks:
+        calls = getattr(hook, "calls", None)  # Triton >= 3.5: a HookChain, maybe empty
+        if (calls if calls is not None else hook is not None):
+            return True
+    return False
+
+
+def _stream_getter() -> Callable[[int], int]:
+    """The fastest way to read the current raw CUDA stream of a device."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream
+
+
+def _direct_launcher(compiled: Any) -> tuple[Callable[..., Any], Any, Any] | None:
+    """``(run, function, packed_metadata)`` of a compiled kernel, or None when this Triton's
+    ``CompiledKernel`` does not expose them the way we call them."""
+    try:
+        run = compiled.run
+        function = compiled.function
+        metadata = compiled.packed_metadata
+        params = list(inspect.signature(run).parameters.values())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = [p for p in params if p.kind == p.VAR_POSITIONAL]
+    if len(fixed) != _LAUNCHER_PARAMS or len(varargs) != 1 or function is None:
+        return None
+    return run, function, metadata
+
+
+class TritonKernel:
+    """One Triton kernel (a plain function in ``module``), launched through a key cache."""
+
+    def __init__(self, module: str, name: str, do_not_specialize: tuple[str, ...] = ()):
+        self.module = module
+        self.name = name
+        self.do_not_specialize = do_not_specialize
+        self._decorated: dict[bool, Any] = {}
+        self._fast: dict[tuple, tuple[Callable[..., Any], Any, Any]] = {}
+        self._stream: Callable[[int], int] | None = None
+        self.slow_launches = 0
+        """Launches that went through Triton's own ``run`` (first of a key, interpreter)."""
+
+    def jit(self) -> Any:
+        """The kernel decorated for the current mode (compiler or interpreter)."""
+        interpret = interpreter_enabled()
+        fn = self._decorated.get(interpret)
+        if fn is None:
+            import triton
+
+            raw = getattr(importlib.import_module(self.module), self.name)
+            fn = self._decorated[interpret] = triton.jit(
+                raw, do_not_specialize=list(self.do_not_specialize))
+        return fn
+
+    def launch(self, key: tuple, grid: tuple[int, int, int], device: int,
+               args: Sequence[Any], num_warps: int) -> None:
+        """Launch on ``grid``; ``args`` are all the kernel's parameters in order (constexprs
+        too), ``device`` the CUDA index of the tensors (the current device)."""
+        fast = self._fast.get(key)
+        if fast is not None:
+            run, function, metadata = fast
+            run(grid[0], grid[1], grid[2], self._stream(device), function, metadata,
+                None, None, None, *args)
+            return
+        self._launch_slow(key, grid, args, num_warps)
+
+    def _launch_slow(self, key: tuple, grid: tuple[int, int, int], args: Sequence[Any],
+                     num_warps: int) -> None:
+        self.slow_launches += 1
+        if interpreter_enabled():
+            with interpreter_rounds_to_nearest():
+                self.jit()[grid](*args, num_warps=num_warps)
+            return
+        compiled = self.jit()[grid](*args, num_warps=num_warps)
+        if key is None or _hooks_active():
+            return
+        direct = _direct_launcher(compiled)
+        if direct is not None:
+            if self._stream is None:
+                self._stream = _stream_getter()
+            self._fast[key] = direct
+
+    def clear(self) -> None:
+        """Forget the cached launchers (the next launch of each key takes the slow path)."""
+        self._fast.clear()
+
+    @property
+    def cached_keys(self) -> int:
+        return len(self._fast)
