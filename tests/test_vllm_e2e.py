@@ -132,3 +132,31 @@ def test_tensor_parallel_workers_each_log_their_selection(model, tmp_path_factor
     pids = {re.search(r"pid=(\d+)", line).group(1) for line in workers}
     assert len(pids) == 2
     assert len(tp["selection"]) == 2 and all(deltas(tp, w)["rms_norm"] > 0 for w in (0, 1))
+
+
+def test_flagos_triton_kernels_run_in_vllm_under_the_interpreter(model, tmp_path_factory):
+    """CPU machines run our Triton kernels with TRITON_INTERPRET=1; fp32 kernels that round
+    once may differ from the reference in the last bit, so greedy tokens are compared on the
+    first half, where such a difference has not had time to flip a choice."""
+    fl = generate("flagos-interpret", model, tmp_path_factory, TRITON_INTERPRET="1",
+                  VLLM_FL_PREFER="flagos")
+    ref = generate("reference-True", model, tmp_path_factory, VLLM_FL_PREFER="reference",
+                   VLLM_FL_PLUGIN_MODULES="perturb_backend")
+    (sel,) = fl["selection"]
+    for op in ("silu_and_mul", "rms_norm", "rotary_embedding"):
+        assert sel["selection"][op]["impl_id"] == "default.flagos", op
+        assert deltas(fl)[op] > 0, op
+    assert sel["demoted"] == {}  # nothing fell back to the reference
+    half = MAX_TOKENS // 2
+    assert [t[:half] for t in fl["tokens"]] == [t[:half] for t in ref["tokens"]]
+
+
+def test_tiny_moe_model_matches_stock_vllm(tmp_path_factory):
+    """Qwen2-MoE: the shared expert's SiluAndMul, the norms and rotary go through
+    fl-dispatch; vLLM's fused MoE experts stay vLLM's own."""
+    moe = build_model("qwen2_moe", root=tmp_path_factory.mktemp("moe"))
+    on = generate("moe-on", moe, tmp_path_factory, VLLM_FL_PREFER="reference")
+    off = generate("moe-off", moe, tmp_path_factory, VLLM_FL_PREFER_ENABLED="0")
+    assert on["tokens"] == off["tokens"]
+    d = deltas(on)
+    assert d["silu_and_mul"] > 0 and d["rms_norm"] > 0 and d["rotary_embedding"] > 0
