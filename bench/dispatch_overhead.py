@@ -22,7 +22,10 @@ same round). Target from the design notes: <= 30 ns median difference.
 (``select_op`` with its capability checks, then the call): the trap of the previous FL
 dispatch, which measured about 7.5 us per call.
 
-Run: ``.venv/bin/python bench/dispatch_overhead.py [--recompute]``
+``--lookup`` adds the cost of ``obj.f(...)`` on a plain module, a module with ``__getattr__`` and
+an object whose class has ``__getattr__`` (CPython does not specialize the latter two).
+
+Run: ``.venv/bin/python bench/dispatch_overhead.py [--recompute] [--lookup]``
 """
 
 from __future__ import annotations
@@ -104,17 +107,43 @@ def median_diff(a: list[float], b: list[float]) -> float:
     return statistics.median(y - x for x, y in zip(a, b))
 
 
-def recompute_dispatcher() -> Callable[..., object]:
-    """A dispatcher that selects on every call (what the old FL dispatch did)."""
+def recompute_dispatcher(cache_checks: bool) -> Callable[..., object]:
+    """A dispatcher that selects on every call (what the old FL dispatch did); with
+    ``cache_checks`` the capability checks run once and only the ordering is recomputed."""
     from fl_dispatch.selection import select_op
 
     dispatcher = fl_dispatch.get_dispatcher()
     policy, registry = dispatcher.policy, dispatcher.registry
+    checked: dict[str, str | None] = {}
 
     def dispatch_every_call(*args):
-        return select_op(OP, policy, registry).chosen.fn(*args)
+        cache = checked if cache_checks else None
+        return select_op(OP, policy, registry, checked=cache).chosen.fn(*args)
 
     return dispatch_every_call
+
+
+def lookup_costs(number: int, repeat: int) -> dict[str, float]:
+    """ns over a direct call for ``obj.f(...)`` on a plain module, a module with a PEP 562
+    ``__getattr__`` and an instance of a class with ``__getattr__`` (specialization check)."""
+
+    def missing(name):
+        raise AttributeError(name)
+
+    class WithGetattr:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    plain, hooked, inst = types.ModuleType("plain"), types.ModuleType("hooked"), WithGetattr()
+    plain.f = hooked.f = fast
+    hooked.__getattr__ = missing
+    inst.__dict__["f"] = fast
+    names = {"fn": fast, "plain": plain, "hooked": hooked, "inst": inst, "x": 1, "w": 2,
+             "eps": 3}
+    r = measure({"direct": "fn(x, w, eps)", "module": "plain.f(x, w, eps)",
+                 "module + __getattr__": "hooked.f(x, w, eps)",
+                 "class with __getattr__": "inst.f(x, w, eps)"}, names, number, repeat)
+    return {k: median_diff(r["direct"], v) for k, v in r.items() if k != "direct"}
 
 
 def machine() -> list[str]:
@@ -140,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=9, help="rounds (median taken)")
     parser.add_argument("--recompute", action="store_true",
                         help="also time a simulated recompute-on-every-call dispatcher")
+    parser.add_argument("--lookup", action="store_true",
+                        help="also time attribute lookups on modules/objects with and "
+                             "without __getattr__ (why ops.<op> costs what it costs)")
     args = parser.parse_args(argv)
 
     install_plugin()
@@ -172,15 +204,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.recompute:
         configure("fallback")
-        slow = recompute_dispatcher()
         number = max(args.number // 100, 1000)
-        r = measure({"direct": "fn(x, w, eps)", "slow": "slow(x, w, eps)"},
-                    {"fn": fast, "slow": slow, "x": x, "w": w, "eps": eps}, number,
-                    args.repeat)
-        direct, recompute = statistics.median(r["direct"]), statistics.median(r["slow"])
+        r = measure({"direct": "fn(x, w, eps)", "order": "order(x, w, eps)",
+                     "checks": "checks(x, w, eps)"},
+                    {"fn": fast, "order": recompute_dispatcher(True),
+                     "checks": recompute_dispatcher(False), "x": x, "w": w, "eps": eps},
+                    number, args.repeat)
+        direct = statistics.median(r["direct"])
+        n_impls = len(fl_dispatch.get_dispatcher().registry.impls[OP])
         print(f"\nsimulated recompute-candidates-on-every-call dispatcher (fallback case, "
-              f"{number} calls/round): {recompute:.0f} ns per call = {recompute / direct:.0f}x "
-              f"a direct call ({direct:.1f} ns)")
+              f"{n_impls} impls of {OP} registered, {number} calls/round; direct call "
+              f"{direct:.1f} ns):")
+        for key, what in (("order", "ordering only (capability checks cached)"),
+                          ("checks", "ordering + capability checks every call")):
+            ns = statistics.median(r[key])
+            print(f"  {what}: {ns:.0f} ns per call = {ns / direct:.0f}x a direct call")
+    if args.lookup:
+        print("\nattribute lookup + call, ns over a direct call (median of paired rounds):")
+        for what, ns in lookup_costs(args.number, args.repeat).items():
+            print(f"  {what}: {ns:+.1f}")
     fl_dispatch.reset()
     return 0
 
