@@ -92,6 +92,9 @@ def _compile_guard(spec: OpSpec, fn: Callable[..., Any],
     return entry
 
 
+_NO_CODE = (lambda: None).__code__
+
+
 def _set_cell(entry: Callable[..., Any], name: str, value: Any) -> None:
     cell = entry.__closure__[entry.__code__.co_freevars.index(name)]  # type: ignore[index]
     cell.cell_contents = value
@@ -104,6 +107,7 @@ class _OpState:
         self.selection = selection
         self.chain: list[Impl] = list(selection.usable)
         self.entry: Callable[..., Any] | None = None
+        self.head: Callable[..., Any] | None = None  # the bare current impl (call-site guard)
         self.failures: list[str] = []
 
     @property
@@ -171,20 +175,49 @@ class Dispatcher:
         if state.entry is None:
             with self._lock:
                 if state.entry is None:
-                    state.entry = self._build_entry(op, state)
-        return state.entry
+                    self._build_entry(op, state)
+        return state.entry  # type: ignore[return-value]
 
-    def _build_entry(self, op: str, state: _OpState) -> Callable[..., Any]:
+    def head(self, op: str) -> Callable[..., Any]:
+        """The bare current impl of ``op``, for callers that guard the call themselves:
+        ``f = head(op); try: f(...) except Exception as e: recover(op, f, e, args)``. It costs
+        nothing beyond the impl; :meth:`recover` switches it on a failure."""
+        self.entry(op)
+        return self._states[op].head  # type: ignore[return-value]
+
+    def _guarded(self, state: _OpState) -> bool:
+        return len(state.selection.usable) > 1 and not self.policy.strict.value
+
+    def _build_entry(self, op: str, state: _OpState) -> None:
         spec = self.registry.ops[op]
         if not state.chain:
-            return self._no_impl(op, state.selection)
+            state.entry = state.head = self._no_impl(op, state.selection)
+            return
         fn = state.current.fn
-        if len(state.chain) > 1 and not self.policy.strict.value:
+        state.head = self._counted(op, fn) if self.policy.dispatch_debug.value else fn
+        if self._guarded(state):
             fn = _compile_guard(spec, fn, lambda failed, exc, args, kwargs:
                                 self._fail(op, failed, exc, args, kwargs))
-        if self.policy.dispatch_debug.value:
-            fn = self._counted(op, fn)
-        return fn
+        state.entry = self._counted(op, fn) if self.policy.dispatch_debug.value else fn
+
+    def _publish(self, op: str, state: _OpState, fn: Callable[..., Any]) -> None:
+        """Make ``fn`` the impl that the guard, the head and ``fl_dispatch.fast`` call."""
+        guard = getattr(state.entry, "__wrapped__", state.entry)
+        if guard is not None and _IMPL in getattr(guard, "__code__", _NO_CODE).co_freevars:
+            _set_cell(guard, _IMPL, fn)
+        state.head = self._counted(op, fn) if self.policy.dispatch_debug.value else fn
+        if op in fast.__dict__ and self is _dispatcher:
+            setattr(fast, op, state.head)
+
+    def recover(self, op: str, failed_fn: Callable[..., Any], exc: Exception,
+                args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+        """A call-site guard caught ``exc`` from ``failed_fn`` (a head of ``op``): fall back
+        as the generated guard would, or re-raise in strict mode / with a single impl."""
+        state = self._state(op)
+        if not self._guarded(state):
+            raise exc
+        return self._fail(op, getattr(failed_fn, "__wrapped__", failed_fn), exc, args,
+                          kwargs or {})
 
     def _counted(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         counts = self.counts
@@ -220,15 +253,13 @@ class Dispatcher:
                                 failed.impl_id, op, type(exc).__name__, exc)
                     state.chain.remove(failed)
                     state.failures.append(f"{failed.impl_id}: {type(exc).__name__}: {exc}")
-                guarded = state.entry
-                guard = getattr(guarded, "__wrapped__", guarded)
                 if not state.chain:
-                    _set_cell(guard, _IMPL, self._exhausted(op, state))
+                    self._publish(op, state, self._exhausted(op, state))
                     raise exc
                 nxt = state.current
                 if failed is not None:
                     log.warning("Op '%s' fallback to %s", op, nxt.describe())
-                _set_cell(guard, _IMPL, nxt.fn)
+                self._publish(op, state, nxt.fn)
                 try:
                     return nxt.fn(*args, **kwargs)
                 except Exception as again:
@@ -306,6 +337,7 @@ def reset() -> None:
     _lock = threading.Lock()
     for name in _bound:
         ops.__dict__.pop(name, None)
+        fast.__dict__.pop(name, None)
     _bound.clear()
 
 
@@ -323,11 +355,35 @@ def _bind_op(name: str) -> Callable[..., Any]:
     return entry
 
 
+def _bind_head(name: str) -> Callable[..., Any]:
+    """PEP 562 ``__getattr__`` of ``fl_dispatch.fast``: bind the bare head of op ``name``."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        head = get_dispatcher().head(name)
+    except KeyError as exc:
+        raise AttributeError(str(exc)) from None
+    setattr(fast, name, head)
+    _bound.add(name)
+    return head
+
+
+def recover(op: str, failed_fn: Callable[..., Any], exc: Exception, args: tuple[Any, ...],
+            kwargs: dict[str, Any] | None = None) -> Any:
+    """Call-site fallback for ``fl_dispatch.fast`` callers (see :meth:`Dispatcher.head`)."""
+    return get_dispatcher().recover(op, failed_fn, exc, args, kwargs)
+
+
 _bound: set[str] = set()
 ops = types.ModuleType("fl_dispatch.ops", "The dispatched ops: ``fl_dispatch.ops.<op>(...)``.")
 ops.__getattr__ = _bind_op  # type: ignore[attr-defined]
 ops.__dir__ = lambda: list(get_dispatcher().registry.ops)  # type: ignore[attr-defined]
+fast = types.ModuleType("fl_dispatch.fast", "Bare current impls for call-site guards: "
+                        "``f = fast.<op>; try: f(...) except Exception as e: recover(...)``.")
+fast.__getattr__ = _bind_head  # type: ignore[attr-defined]
+fast.__dir__ = ops.__dir__  # type: ignore[attr-defined]
 sys.modules.setdefault("fl_dispatch.ops", ops)
+sys.modules.setdefault("fl_dispatch.fast", fast)
 os.register_at_fork(after_in_child=reset)
 
 

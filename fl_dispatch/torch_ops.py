@@ -1,15 +1,16 @@
 """The dispatched ops as torch.library custom ops (namespace ``fl_dispatch``).
 
 ``torch.compile`` sees each as one opaque op with a fake (meta) implementation; the real
-implementation calls the frozen dispatch entry (``fl_dispatch.ops.<op>``), so the compiled
-graph is the same whichever backend is selected and no policy work happens per call.
+implementation calls the frozen choice (``fl_dispatch.fast.<op>``, guarded at the call
+site), so the compiled graph is the same whichever backend is selected and no policy work
+happens per call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import ops
+from .dispatch import fast, recover
 
 NAMESPACE = "fl_dispatch"
 _lib: torch.library.Library | None = None
@@ -25,26 +26,48 @@ SCHEMAS = {
 }
 
 
+# Each guards its own call (no extra frame): a failing impl falls back through recover().
 def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return ops.silu_and_mul(x)
+    f = fast.silu_and_mul
+    try:
+        return f(x)
+    except Exception as exc:
+        return recover("silu_and_mul", f, exc, (x,))
 
 
 def _gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    return ops.gelu_and_mul(x, approximate)
+    f = fast.gelu_and_mul
+    try:
+        return f(x, approximate)
+    except Exception as exc:
+        return recover("gelu_and_mul", f, exc, (x, approximate))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float) -> torch.Tensor:
-    return ops.rms_norm(x, weight, epsilon)
+    f = fast.rms_norm
+    try:
+        return f(x, weight, epsilon)
+    except Exception as exc:
+        return recover("rms_norm", f, exc, (x, weight, epsilon))
 
 
 def _fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                         epsilon: float) -> None:
-    ops.rms_norm(x, weight, epsilon, residual)
+    f = fast.rms_norm
+    try:
+        f(x, weight, epsilon, residual)
+    except Exception as exc:
+        recover("rms_norm", f, exc, (x, weight, epsilon, residual))
 
 
 def _rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
                       head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
-    ops.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    f = fast.rotary_embedding
+    try:
+        f(positions, query, key, head_size, cos_sin_cache, is_neox)
+    except Exception as exc:
+        recover("rotary_embedding", f, exc,
+                (positions, query, key, head_size, cos_sin_cache, is_neox))
 
 
 def _half_last(x: torch.Tensor, *_: object) -> torch.Tensor:

@@ -16,35 +16,48 @@ import torch
 from torch import Tensor
 
 from . import torch_ops
-from .dispatch import ops
+from .dispatch import fast, ops, recover
 from .log import get_logger
 
 log = get_logger()
 _is_compiling = torch.compiler.is_compiling
 
 
+# Eagerly: the bare chosen impl (fl_dispatch.fast), guarded here at no extra frame; under
+# torch.compile: the opaque custom op, whose implementation does the same.
 def _silu_forward(self, x: torch.Tensor) -> torch.Tensor:
     if _is_compiling():
         return torch.ops.fl_dispatch.silu_and_mul(x)
-    return ops.silu_and_mul(x)
+    f = fast.silu_and_mul
+    try:
+        return f(x)
+    except Exception as exc:
+        return recover("silu_and_mul", f, exc, (x,))
 
 
 def _gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
     if _is_compiling():
         return torch.ops.fl_dispatch.gelu_and_mul(x, self.approximate)
-    return ops.gelu_and_mul(x, self.approximate)
+    f = fast.gelu_and_mul
+    try:
+        return f(x, self.approximate)
+    except Exception as exc:
+        return recover("gelu_and_mul", f, exc, (x, self.approximate))
 
 
 def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
     weight = self.weight.data if self.has_weight else None
-    if residual is None:
-        if _is_compiling():
-            return torch.ops.fl_dispatch.rms_norm(x, weight, self.variance_epsilon)
-        return ops.rms_norm(x, weight, self.variance_epsilon)
+    eps = self.variance_epsilon
     if _is_compiling():
-        torch.ops.fl_dispatch.fused_add_rms_norm(x, residual, weight, self.variance_epsilon)
+        if residual is None:
+            return torch.ops.fl_dispatch.rms_norm(x, weight, eps)
+        torch.ops.fl_dispatch.fused_add_rms_norm(x, residual, weight, eps)
         return x, residual
-    return ops.rms_norm(x, weight, self.variance_epsilon, residual)
+    f = fast.rms_norm
+    try:
+        return f(x, weight, eps, residual)
+    except Exception as exc:
+        return recover("rms_norm", f, exc, (x, weight, eps, residual))
 
 
 def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
@@ -53,8 +66,13 @@ def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
     if _is_compiling():
         torch.ops.fl_dispatch.rotary_embedding(positions, query, key, self.head_size, cache,
                                                self.is_neox_style)
-    else:
-        ops.rotary_embedding(positions, query, key, self.head_size, cache, self.is_neox_style)
+        return query, key
+    f = fast.rotary_embedding
+    args = (positions, query, key, self.head_size, cache, self.is_neox_style)
+    try:
+        f(*args)
+    except Exception as exc:
+        recover("rotary_embedding", f, exc, args)
     return query, key
 
 
