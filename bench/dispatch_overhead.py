@@ -12,7 +12,9 @@ Cases (both through the process-global dispatcher, built from the environment as
 * ``strict``: the same chain with ``VLLM_FL_STRICT=1`` (the entry is the function again).
 
 Ways of calling: ``direct`` (the impl function itself), ``ops.rms_norm(...)`` (attribute lookup
-on ``fl_dispatch.ops`` plus the call) and ``get_op()`` held (the entry fetched once). The impl
+on ``fl_dispatch.ops`` plus the call), ``get_op()`` held (the entry fetched once) and, where the
+dispatcher has them, the call-site guard of the vLLM glue (``f = fl_dispatch.fast.rms_norm``,
+``try: f(...) except Exception as e: recover(...)``, inline: no frame of its own). The impl
 is a trivial Python function that returns its first argument, so no kernel time hides the
 dispatch cost. Each figure is the median over ``--repeat`` rounds of ``--number`` calls; the
 difference columns are medians of per-round differences (direct and dispatched timed in the
@@ -56,6 +58,21 @@ def fast(x, weight, epsilon, residual=None):
 def spare(x, weight, epsilon, residual=None):
     """The fallback impl (never called: ``fast`` does not fail)."""
     return x
+
+
+try:  # call-site guards: ``f = fast.<op>; try: f(...) except Exception: recover(...)``
+    from fl_dispatch.dispatch import fast as _fast_ns
+    from fl_dispatch.dispatch import recover as _recover
+
+    CALL_SITE: tuple[object, object] | None = (_fast_ns, _recover)
+except ImportError:  # a dispatcher without them
+    CALL_SITE = None
+CALL_SITE_STMT = f"""\
+f = fast_ns.{OP}
+try:
+    f(x, w, eps)
+except Exception as exc:
+    recover("{OP}", f, exc, (x, w, eps))"""
 
 
 def install_plugin() -> None:
@@ -183,21 +200,31 @@ def main(argv: list[str] | None = None) -> int:
         kind = "the function itself" if entry is fast else f"generated guard {entry.__name__}()"
         names = {"fn": fast, "ops": fl_dispatch.ops, "entry": entry, "x": x, "w": w,
                  "eps": eps}
-        r = measure({"direct": "fn(x, w, eps)", "attr": f"ops.{OP}(x, w, eps)",
-                     "held": "entry(x, w, eps)"}, names, args.number, args.repeat)
-        rows.append((case, kind, statistics.median(r["direct"]), statistics.median(r["attr"]),
-                     median_diff(r["direct"], r["attr"]), statistics.median(r["held"]),
-                     median_diff(r["direct"], r["held"])))
+        stmts = {"direct": "fn(x, w, eps)", "attr": f"ops.{OP}(x, w, eps)",
+                 "held": "entry(x, w, eps)"}
+        if CALL_SITE is not None:  # the vLLM glue's pattern (fl_dispatch/torch_ops.py)
+            names.update(fast_ns=CALL_SITE[0], recover=CALL_SITE[1])
+            stmts["site"] = CALL_SITE_STMT
+        r = measure(stmts, names, args.number, args.repeat)
+        row = [case, kind, statistics.median(r["direct"])]
+        for key in stmts:
+            if key != "direct":
+                row += [statistics.median(r[key]), median_diff(r["direct"], r[key])]
+        rows.append(row)
 
     print("\n".join(machine()))
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"{args.repeat} rounds x {args.number} calls; trivial impl; ns per call (median)\n")
-    print(f"| case | entry | direct ns | ops.{OP} ns | diff ns | get_op() held ns | diff ns |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for case, kind, direct, attr, d_attr, held, d_held in rows:
-        print(f"| {case} | {kind} | {direct:.1f} | {attr:.1f} | {d_attr:+.1f} | {held:.1f} "
-              f"| {d_held:+.1f} |")
-    worst = max(max(r[4], r[6]) for r in rows)
+    head = f"| case | entry | direct ns | ops.{OP} ns | diff ns | get_op() held ns | diff ns |"
+    if CALL_SITE is not None:
+        head += f" fast.{OP} call-site guard ns | diff ns |"
+    print(head)
+    print("|---|---|" + "---:|" * (head.count("|") - 3))
+    for case, kind, *nums in rows:
+        cells = [f"{nums[0]:.1f}"] + [f"{v:.1f}" if i % 2 == 0 else f"{v:+.1f}"
+                                      for i, v in enumerate(nums[1:])]
+        print(f"| {case} | {kind} | " + " | ".join(cells) + " |")
+    worst = max(max(r[4::2]) for r in rows)
     verdict = "met" if worst <= TARGET_NS else "NOT met"
     print(f"\ntarget: <= {TARGET_NS:.0f} ns median difference; worst here {worst:+.1f} ns: "
           f"{verdict}")
