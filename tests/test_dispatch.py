@@ -482,14 +482,14 @@ def test_ops_namespace_binds_the_entry(global_dispatch):
 
     global_dispatch.setenv("VLLM_FL_PLUGIN_MODULES", "fl_test_good")
     global_dispatch.setenv("VLLM_FL_PER_OP", "rms_norm=vendor:acme;silu_and_mul=vendor:acme")
-    assert "rms_norm" not in vars(fl_dispatch.ops)
+    assert "rms_norm" not in vars(fl_dispatch.ops)  # nothing bound before the first use
     entry = fl_dispatch.ops.rms_norm
     assert vars(fl_dispatch.ops)["rms_norm"] is entry  # later lookups: one attribute read
     assert entry is fl_test_good.rms_norm  # single usable impl: the function itself
     assert fl_dispatch.get_op("rms_norm") is entry
     assert fl_dispatch.ops.silu_and_mul("x") == ("acme", "x")
     assert "rotary_embedding" in dir(fl_dispatch.ops)
-    with pytest.raises(AttributeError, match="unknown op 'rms_nrm'"):
+    with pytest.raises(AttributeError, match="rms_nrm"):
         fl_dispatch.ops.rms_nrm  # noqa: B018
     fl_dispatch.reset()
     assert not {"rms_norm", "silu_and_mul"} & set(vars(fl_dispatch.ops))  # reset unbinds ops
