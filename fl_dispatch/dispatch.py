@@ -258,7 +258,7 @@ class Dispatcher:
                     raise exc
                 nxt = state.current
                 if failed is not None:
-                    log.warning("Op '%s' fallback to %s", op, nxt.describe())
+                    log.info("Op '%s' fallback to %s", op, nxt.describe())
                 self._publish(op, state, nxt.fn)
                 try:
                     return nxt.fn(*args, **kwargs)
