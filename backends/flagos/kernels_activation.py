@@ -18,15 +18,21 @@ ACT_GELU_TANH = 2
 def act_and_mul_kernel(
     x_ptr, out_ptr,
     d, stride_x, stride_out,
-    ACT: tl.constexpr, BLOCK: tl.constexpr,
+    ACT: tl.constexpr, BLOCK: tl.constexpr, STREAM: tl.constexpr,
 ):
-    """Program (row, column block): out[row, cols] = act(x[row, cols]) * x[row, d + cols]."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    """Program (column block, row): out[row, cols] = act(x[row, cols]) * x[row, d + cols].
+    Column blocks on grid axis 0, so the programs that run together read one row in order.
+    STREAM (for tensors larger than L2): 1 loads with evict_first, 2 also stores streaming."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
     x_row = x_ptr + row * stride_x
-    a = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-    b = tl.load(x_row + d + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    if STREAM == 0:
+        a = tl.load(x_row + cols, mask=mask, other=0.0)
+        b = tl.load(x_row + d + cols, mask=mask, other=0.0)
+    else:
+        a = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+        b = tl.load(x_row + d + cols, mask=mask, other=0.0, eviction_policy="evict_first")
     af = a.to(tl.float32)
     if ACT == 0:
         y = af / (1.0 + tl.exp(-af))
@@ -39,4 +45,7 @@ def act_and_mul_kernel(
     x_ty = x_ptr.dtype.element_ty
     y = y.to(x_ty).to(tl.float32) * b.to(tl.float32)
     y = y.to(x_ty).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
+    if STREAM == 2:
+        tl.store(out_ptr + row * stride_out + cols, y, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(out_ptr + row * stride_out + cols, y, mask=mask)

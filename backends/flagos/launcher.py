@@ -26,8 +26,9 @@ from .capability import interpreter_enabled
 from .interpreter_rounding import interpreter_rounds_to_nearest
 
 _LAUNCHER_PARAMS = 9
-"""Leading parameters of ``CompiledKernel.run`` before the kernel's own arguments: gridX,
-gridY, gridZ, stream, function, packed metadata, launch metadata, enter hook, exit hook."""
+"""Leading arguments of ``CompiledKernel.run`` before the kernel's own arguments: gridX,
+gridY, gridZ, stream, function, packed metadata, launch metadata, enter hook, exit hook
+(Triton 3.x; some versions name the first five and take the rest through ``*args``)."""
 
 
 def _hooks_active() -> bool:
@@ -72,7 +73,7 @@ def _direct_launcher(compiled: Any) -> tuple[Callable[..., Any], Any, Any] | Non
         return None
     fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     varargs = [p for p in params if p.kind == p.VAR_POSITIONAL]
-    if len(fixed) != _LAUNCHER_PARAMS or len(varargs) != 1 or function is None:
+    if not 5 <= len(fixed) <= _LAUNCHER_PARAMS or len(varargs) != 1 or function is None:
         return None
     return run, function, metadata
 
@@ -103,16 +104,20 @@ class TritonKernel:
         return fn
 
     def launch(self, key: tuple, grid: tuple[int, int, int], device: int,
-               args: Sequence[Any], num_warps: int) -> None:
-        """Launch on ``grid``; ``args`` are all the kernel's parameters in order (constexprs
-        too), ``device`` the CUDA index of the tensors (the current device)."""
+               tensors: Sequence[Any], ptrs: Sequence[int], rest: Sequence[Any],
+               num_warps: int) -> None:
+        """Launch on ``grid``. The kernel's parameters are ``tensors`` (its pointer parameters,
+        first) then ``rest`` (scalars and constexprs, in order); ``ptrs`` are the tensors'
+        ``data_ptr()``. The fast path passes those integers: Triton's launcher then neither
+        calls ``data_ptr`` nor checks each address with the driver (``cuPointerGetAttribute``).
+        ``device`` is the CUDA index of the tensors (the current device)."""
         fast = self._fast.get(key)
         if fast is not None:
             run, function, metadata = fast
             run(grid[0], grid[1], grid[2], self._stream(device), function, metadata,
-                None, None, None, *args)
+                None, None, None, *ptrs, *rest)
             return
-        self._launch_slow(key, grid, args, num_warps)
+        self._launch_slow(key, grid, (*tensors, *rest), num_warps)
 
     def _launch_slow(self, key: tuple, grid: tuple[int, int, int], args: Sequence[Any],
                      num_warps: int) -> None:

@@ -9,6 +9,9 @@ go through a contiguous copy and are written back, so the contract still holds.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 
 from .launcher import TritonKernel
@@ -44,59 +47,105 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- launch configs
 # (tuned on an H100, bf16; see docs/performance.md). Each returns the constexprs + num_warps.
 
-def act_config(rows: int, d: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for act_and_mul: enough programs to fill the GPU at small rows."""
-    if rows >= 64:
-        block = 1024
-    elif rows >= 8:
-        block = 512
+_MAX_GRID_Y = 65535
+"""CUDA's limit on grid axis 1 (rows of act_and_mul): larger batches launch in chunks."""
+
+
+@functools.lru_cache(maxsize=4096)
+def act_config(rows: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, STREAM) for act_and_mul. STREAM (evict-first loads) only where the
+    input cannot stay in L2 anyway."""
+    if rows < 16:
+        block, warps = 512, 4
+    elif rows <= 256:
+        block, warps = 1024, 4
     else:
-        block = 256
+        block, warps = 1024, 8
     block = min(block, _pow2(d))
-    return block, max(1, min(8, block // 256))
+    stream = 1 if rows * d >= 1 << 23 else 0
+    return block, max(1, min(warps, block // 128)), stream
 
 
+@functools.lru_cache(maxsize=4096)
 def norm_config(rows: int, n_cols: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps) for rms_norm."""
     block_n = _pow2(n_cols)
     if block_n > 8192:
         return 1, 4096, False, 8
     block_m = max(1, min(16, 1024 // block_n, _pow2(rows)))
-    return block_m, block_n, True, max(1, min(16, block_m * block_n // 512))
+    warps = 16 if rows <= 64 else 8 if rows < 1024 else 4  # decode: latency; prefill: occupancy
+    return block_m, block_n, True, max(1, min(warps, block_m * block_n // 256))
 
 
+@functools.lru_cache(maxsize=4096)
 def rotary_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_H, num_warps) for rotary: one head per program at decode sizes."""
+    """(BLOCK_R, BLOCK_H, num_warps) for rotary: few heads per program at decode sizes (more
+    programs), all heads of a token at prefill sizes (fewer, longer programs)."""
     block_r = _pow2(half)
-    block_h = 1 if tokens <= 32 else min(_pow2(heads), 4)
-    return block_r, block_h, max(1, min(4, block_h * block_r // 128))
+    if tokens <= 16:
+        block_h = 1
+    elif tokens <= 64:
+        block_h = 4
+    elif tokens <= 1024:
+        block_h = 8
+    else:
+        block_h = 32
+    block_h = min(block_h, _pow2(heads))
+    return block_r, block_h, max(1, min(8, block_h * block_r // 128))
 
 
 # ----------------------------------------------------------------------------- activations
 
+def _act_launch(x2: torch.Tensor, out2: torch.Tensor, rows: int, d: int, sx: int, so: int,
+                act: int) -> None:
+    block, warps, stream = act_config(rows, d)
+    px, po = x2.data_ptr(), out2.data_ptr()
+    dev = x2.get_device()
+    key = (act, x2.dtype, out2.dtype, px & 15, po & 15, d, sx, so, block, warps, stream, dev)
+    ACT_KERNEL.launch(key, ((d + block - 1) // block, rows, 1), dev, (x2, out2), (px, po),
+                      (d, sx, so, act, block, stream), warps)
+
+
 def _act_and_mul(x: torch.Tensor, out: torch.Tensor | None, act: int) -> torch.Tensor:
-    n = x.shape[-1]
+    shape = x.shape
+    n = shape[-1]
     if n % 2:
         raise ValueError(f"act_and_mul: last dimension of x must be even, got {n}")
     d = n // 2
+    if len(shape) == 2 and 0 < shape[0] <= _MAX_GRID_Y and d:  # the common case, few calls
+        sx, sx1 = x.stride()
+        if sx1 == 1:
+            rows = shape[0]
+            if out is None:
+                out = x.new_empty((rows, d))
+                _act_launch(x, out, rows, d, sx, d, act)
+                return out
+            so = out.stride()
+            if len(so) == 2 and so[1] == 1 and out.shape == (rows, d):
+                _act_launch(x, out, rows, d, sx, so[0], act)
+                return out
+    return _act_and_mul_any(x, out, act, d)
+
+
+def _act_and_mul_any(x: torch.Tensor, out: torch.Tensor | None, act: int,
+                     d: int) -> torch.Tensor:
+    """Any layout: rows through views where possible, else contiguous copies."""
+    n = 2 * d
     if out is None:
         out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device)
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 else _rows(x)
+    x2 = _rows(x)
     if x2 is None:
         x2 = x.reshape(-1, n).contiguous()
     rows = x2.shape[0]
-    o2 = out if out.dim() == 2 and out.stride(1) == 1 else _rows(out)
+    o2 = _rows(out)
     target = o2 if o2 is not None else torch.empty((rows, d), dtype=out.dtype, device=out.device)
     if target.shape[0] != rows or target.shape[1] != d:
         raise ValueError(f"act_and_mul: out has shape {tuple(out.shape)}, "
                          f"expected {tuple(x.shape[:-1]) + (d,)}")
     if rows and d:
-        block, warps = act_config(rows, d)
-        sx, so = x2.stride(0), target.stride(0)
-        key = (act, x2.dtype, target.dtype, x2.data_ptr() % 16 == 0,
-               target.data_ptr() % 16 == 0, d, sx, so, block, warps, x2.get_device())
-        ACT_KERNEL.launch(key, (rows, (d + block - 1) // block, 1), x2.get_device(),
-                          (x2, target, d, sx, so, act, block), warps)
+        for r0 in range(0, rows, _MAX_GRID_Y):
+            xs, ts = x2[r0:r0 + _MAX_GRID_Y], target[r0:r0 + _MAX_GRID_Y]
+            _act_launch(xs, ts, xs.shape[0], d, x2.stride(0), target.stride(0), act)
     if o2 is None:
         out.copy_(target.view(out.shape))
     return out
@@ -120,35 +169,26 @@ def gelu_and_mul(
 
 # ----------------------------------------------------------------------------- rms_norm
 
-def _norm_launch(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor | None,
-                 out2: torch.Tensor, epsilon: float) -> None:
-    rows, n_cols = x2.shape
-    if rows == 0 or n_cols == 0:
-        return
-    if rows > _INT32_MAX:
-        raise ValueError(f"rms_norm: {rows} rows exceed int32")
-    block_m, block_n, single, warps = norm_config(rows, n_cols)
-    has_res = res2 is not None
-    has_w = weight is not None
-    r = res2 if has_res else x2
-    w = weight if has_w else x2
-    sx, sr, so = x2.stride(0), r.stride(0), out2.stride(0)
+def _norm_launch(x2: torch.Tensor, r: torch.Tensor, w: torch.Tensor, out2: torch.Tensor,
+                 rows: int, n_cols: int, sx: int, sr: int, so: int, epsilon: float,
+                 has_res: bool, has_w: bool) -> None:
+    """``r``/``w`` stand in for ``x2`` when there is no residual/weight."""
+    cfg = norm_config(rows, n_cols)
+    block_m, block_n, single, warps = cfg
+    px, pr, pw, po = x2.data_ptr(), r.data_ptr(), w.data_ptr(), out2.data_ptr()
     dev = x2.get_device()
-    key = (x2.dtype, r.dtype, w.dtype, out2.dtype, x2.data_ptr() % 16 == 0,
-           r.data_ptr() % 16 == 0, w.data_ptr() % 16 == 0, out2.data_ptr() % 16 == 0,
-           n_cols, sx, sr, so, has_res, has_w, block_m, block_n, single, warps, dev)
-    NORM_KERNEL.launch(key, ((rows + block_m - 1) // block_m, 1, 1), dev,
-                       (x2, r, w, out2, rows, n_cols, sx, sr, so, epsilon,
-                        has_res, has_w, block_m, block_n, single), warps)
+    key = (x2.dtype, r.dtype, w.dtype, out2.dtype, px & 15, pr & 15, pw & 15, po & 15, n_cols,
+           sx, sr, so, has_res, has_w, cfg, dev)
+    NORM_KERNEL.launch(key, ((rows + block_m - 1) // block_m, 1, 1), dev, (x2, r, w, out2),
+                       (px, pr, pw, po), (rows, n_cols, sx, sr, so, epsilon, has_res, has_w,
+                                          block_m, block_n, single), warps)
 
 
-def _weight(weight: torch.Tensor | None, n_cols: int) -> torch.Tensor | None:
-    if weight is None:
-        return None
-    if weight.dim() != 1 or weight.shape[0] != n_cols:
+def _weight(weight: torch.Tensor, n_cols: int) -> torch.Tensor:
+    if weight.shape != (n_cols,):
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, "
                          f"expected ({n_cols},)")
-    return weight if weight.stride(0) == 1 else weight.contiguous()
+    return weight if weight.stride() == (1,) else weight.contiguous()
 
 
 def rms_norm(
@@ -158,28 +198,64 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMS norm; with ``residual`` the fused add + norm, in place on ``x`` and ``residual``."""
+    shape = x.shape
+    n_cols = shape[-1]
+    has_w = weight is not None
+    if has_w:
+        weight = _weight(weight, n_cols)
+    if len(shape) == 2 and 0 < shape[0] <= _INT32_MAX and n_cols:  # the common case
+        rows = shape[0]
+        sx, sx1 = x.stride()
+        if sx1 == 1:
+            if residual is None:
+                out = x.new_empty(shape)
+                _norm_launch(x, x, weight if has_w else x, out, rows, n_cols, sx, sx, n_cols,
+                             epsilon, False, has_w)
+                return out
+            if residual.shape == shape:
+                sr, sr1 = residual.stride()
+                if sr1 == 1:
+                    _norm_launch(x, residual, weight if has_w else x, x, rows, n_cols, sx, sr,
+                                 sx, epsilon, True, has_w)
+                    return x, residual
+    return _rms_norm_any(x, weight, epsilon, residual)
+
+
+def _rms_norm_any(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float,
+                  residual: torch.Tensor | None) -> Any:
+    """Any layout: rows through views where possible, else contiguous copies written back."""
     n_cols = x.shape[-1]
-    w = _weight(weight, n_cols)
-    if residual is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        x2 = x if x.dim() == 2 and x.stride(1) == 1 else _rows(x)
-        if x2 is None:
-            x2 = x.reshape(-1, n_cols).contiguous()
-        _norm_launch(x2, None, w, out.view(-1, n_cols) if out.dim() != 2 else out, epsilon)
-        return out
-    if residual.shape != x.shape:
+    if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual has shape {tuple(residual.shape)}, "
                          f"x has {tuple(x.shape)}")
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 else _rows(x)
-    r2 = residual if residual.dim() == 2 and residual.stride(1) == 1 else _rows(residual)
-    if x2 is not None and r2 is not None:
-        _norm_launch(x2, r2, w, x2, epsilon)
+    x2 = _rows(x)
+    copied = x2 is None
+    if copied:
+        x2 = x.reshape(-1, n_cols).contiguous()
+    rows = x2.shape[0]
+    if rows > _INT32_MAX:
+        raise ValueError(f"rms_norm: {rows} rows exceed int32")
+    has_w = weight is not None
+    if residual is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if rows and n_cols:
+            out2 = out.view(rows, n_cols)
+            _norm_launch(x2, x2, weight if has_w else x2, out2, rows, n_cols, x2.stride(0),
+                         x2.stride(0), n_cols, epsilon, False, has_w)
+        return out
+    r2 = _rows(residual)
+    if copied or r2 is None:  # not addressable in place: compute on copies, write back
+        xc = x.reshape(-1, n_cols).contiguous()
+        rc = residual.reshape(-1, n_cols).contiguous()
+        if rows and n_cols:
+            _norm_launch(xc, rc, weight if has_w else xc, xc, rows, n_cols, n_cols, n_cols,
+                         n_cols, epsilon, True, has_w)
+        x.copy_(xc.view(x.shape))
+        residual.copy_(rc.view(residual.shape))
         return x, residual
-    xc = x.reshape(-1, n_cols).contiguous()  # a layout the kernel cannot address: copy,
-    rc = residual.reshape(-1, n_cols).contiguous()  # compute, and write back in place
-    _norm_launch(xc, rc, w, xc, epsilon)
-    x.copy_(xc.view(x.shape))
-    residual.copy_(rc.view(residual.shape))
+    if rows and n_cols:
+        _norm_launch(x2, r2, weight if has_w else x2, x2, rows, n_cols, x2.stride(0),
+                     r2.stride(0), x2.stride(0), epsilon, True, has_w)
     return x, residual
 
 
@@ -188,12 +264,14 @@ def rms_norm(
 def _heads(t: torch.Tensor, tokens: int, head_size: int) -> tuple[int, int, int] | None:
     """(token stride, head stride, heads) of ``t`` seen as ``[tokens, heads, head_size]`` with
     unit feature stride, without a copy; None when that needs a copy."""
-    if t.dim() == 2:
-        if t.shape[0] == tokens and t.stride(1) == 1 and t.shape[1] % head_size == 0:
-            return t.stride(0), head_size, t.shape[1] // head_size
-    elif t.dim() == 3:
-        if t.shape[0] == tokens and t.shape[2] == head_size and t.stride(2) == 1:
-            return t.stride(0), t.stride(1), t.shape[1]
+    shape = t.shape
+    st = t.stride()
+    if len(shape) == 2:
+        if shape[0] == tokens and st[1] == 1 and shape[1] % head_size == 0:
+            return st[0], head_size, shape[1] // head_size
+    elif len(shape) == 3:
+        if shape[0] == tokens and shape[2] == head_size and st[2] == 1:
+            return st[0], st[1], shape[1]
     try:
         v = t.view(tokens, -1, head_size)
     except RuntimeError:
@@ -212,17 +290,21 @@ def rotary_embedding(
     is_neox: bool,
 ) -> None:
     """Rotary embedding in place on ``query`` and ``key`` (either may be a strided view)."""
-    pos = positions if positions.dim() == 1 else positions.reshape(-1)
-    if pos.stride(0) != 1 and pos.shape[0] > 1:
-        pos = pos.contiguous()
+    pos = positions if len(positions.shape) == 1 else positions.reshape(-1)
     tokens = pos.shape[0]
     if tokens == 0:
         return None
+    if tokens > 1 and pos.stride() != (1,):
+        pos = pos.contiguous()
     rotary_dim = cos_sin_cache.shape[-1]
     if rotary_dim % 2 or rotary_dim > head_size:
         raise ValueError(f"rotary_embedding: rotary_dim {rotary_dim} must be even and at "
                          f"most head_size {head_size}")
-    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    cache_stride = cos_sin_cache.stride()
+    cache = cos_sin_cache
+    if cache_stride[-1] != 1:
+        cache = cos_sin_cache.contiguous()
+        cache_stride = cache.stride()
     qh = _heads(query, tokens, head_size)
     kh = _heads(key, tokens, head_size) if key is not None else (0, 0, 0)
     if qh is None or kh is None:  # a layout the kernel cannot address: copy, rotate, write back
@@ -234,15 +316,16 @@ def rotary_embedding(
             key.copy_(kc)
         return None
     half = rotary_dim // 2
-    block_r, block_h, warps = rotary_config(tokens, max(qh[2], kh[2]), half)
-    k = key if key is not None else query
+    heads = qh[2] if qh[2] >= kh[2] else kh[2]
+    block_r, block_h, warps = rotary_config(tokens, heads, half)
     has_key = key is not None
+    k = key if has_key else query
     dev = query.get_device()
-    args = (pos, query, k, cache, qh[0], qh[1], kh[0], kh[1], cache.stride(0), qh[2], kh[2],
-            half, block_r, block_h, bool(is_neox), has_key)
-    launch_key = (pos.dtype, query.dtype, k.dtype, cache.dtype, pos.data_ptr() % 16 == 0,
-                  query.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0,
-                  cache.data_ptr() % 16 == 0) + args[4:] + (warps, dev)
-    grid = (tokens, (max(qh[2], kh[2]) + block_h - 1) // block_h, 1)
-    ROTARY_KERNEL.launch(launch_key, grid, dev, args, warps)
+    pp, pq, pk, pc = pos.data_ptr(), query.data_ptr(), k.data_ptr(), cache.data_ptr()
+    rest = (qh[0], qh[1], kh[0], kh[1], cache_stride[0], qh[2], kh[2], half, block_r,
+            block_h, bool(is_neox), has_key)
+    launch_key = (pos.dtype, query.dtype, k.dtype, cache.dtype, pp & 15, pq & 15, pk & 15,
+                  pc & 15, rest, warps, dev)
+    ROTARY_KERNEL.launch(launch_key, (tokens, (heads + block_h - 1) // block_h, 1), dev,
+                         (pos, query, k, cache), (pp, pq, pk, pc), rest, warps)
     return None

@@ -1,0 +1,414 @@
+"""Kernel benchmark: flagos Triton kernels vs vLLM's CUDA ops, FlagGems, torch.compile, eager.
+
+Run on the GPU machine from the repository root, with ``.gpu-ops`` carried
+(``bash ../shared/tools/vllm_cuda_ops.sh .gpu-ops`` here first)::
+
+    python bench/kernels.py [--sweep] [--out DIR] [--quick]
+
+bf16, Llama-3-8B sizes (hidden 4096, MLP 14336, 32 query and 8 KV heads of 128, neox rotary
+in place on q/k views of a fused qkv buffer, cos/sin cache from real angles). Every impl is
+first checked against the eager reference on fresh inputs; timings use other inputs (in-place
+ops repeated on one buffer drift). Device time: ``triton.testing.do_bench_cudagraph`` median
+(CUDA graph replay, no launch gaps). Host time: eager calls in a loop, wall clock per call.
+``--sweep`` times launch configurations of our kernels instead (for tuning ``ops.*_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gpu_env import setup  # noqa: E402
+
+VLLM_LIB = setup()
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
+
+import fl_dispatch_reference.ops as ref  # noqa: E402
+from fl_dispatch_flagos import flaggems  # noqa: E402
+from fl_dispatch_flagos import ops as flagos  # noqa: E402
+from fl_dispatch_flagos.tolerances import tolerance  # noqa: E402
+
+HIDDEN, INTER, HQ, HK, HEAD = 4096, 14336, 32, 8, 128
+EPS = 1e-6
+DECODE = (1, 16, 64, 256)
+PREFILL = (4096, 16384)
+MAX_POS = 32768
+DT = torch.bfloat16
+DEV = "cuda"
+
+
+# ----------------------------------------------------------------------------- impls
+
+def _impls() -> dict[str, Any]:
+    """name -> namespace with the four op functions, or the reason it is missing (a str)."""
+    impls: dict[str, Any] = {"flagos": flagos}
+    try:
+        import fl_dispatch_cuda.ops as cuda_ops
+
+        reason = cuda_ops.load_vllm_ops()
+        impls["vllm_cuda"] = cuda_ops if reason is None else reason
+    except Exception as exc:
+        impls["vllm_cuda"] = f"{type(exc).__name__}: {exc}"
+    reason = flaggems.flaggems_unavailable_reason()
+    impls["flaggems"] = flaggems if reason is None else reason
+    compiled = {name: torch.compile(getattr(ref, name), dynamic=True)
+                for name in ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding")}
+    impls["torch_compile"] = SimpleNamespace(**compiled)
+    impls["eager"] = ref
+    return impls
+
+
+# ----------------------------------------------------------------------------- cases
+
+def rope_cache(dtype: torch.dtype = DT) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, HEAD, 2, dtype=torch.float32, device=DEV) / HEAD))
+    ang = torch.arange(MAX_POS, dtype=torch.float32, device=DEV)[:, None] * inv[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1).to(dtype)
+
+
+@dataclass
+class Case:
+    """One op at one size: fresh inputs, the call, the bytes it must move."""
+
+    op: str
+    tokens: int
+
+    def inputs(self) -> dict[str, Any]:
+        t = self.tokens
+        g = torch.Generator(device=DEV).manual_seed(t * 7 + len(self.op))
+        rn = lambda *s: torch.randn(*s, device=DEV, dtype=torch.float32, generator=g).to(DT)  # noqa: E731
+        if self.op in ("silu_and_mul", "gelu_and_mul"):
+            return {"x": rn(t, 2 * INTER) * 2}
+        if self.op == "rms_norm":
+            return {"x": rn(t, HIDDEN) * 2, "w": rn(HIDDEN)}
+        if self.op == "fused_add_rms_norm":
+            return {"x": rn(t, HIDDEN), "r": rn(t, HIDDEN), "w": rn(HIDDEN)}
+        if self.op == "rotary_neox":
+            qkv = rn(t, (HQ + 2 * HK) * HEAD)
+            pos = torch.randint(0, MAX_POS, (t,), device=DEV, generator=g)
+            return {"qkv": qkv, "pos": pos, "cache": CACHE}
+        raise ValueError(self.op)
+
+    def call(self, impl: Any, a: dict[str, Any]) -> Any:
+        if self.op == "silu_and_mul":
+            return impl.silu_and_mul(a["x"])
+        if self.op == "gelu_and_mul":
+            return impl.gelu_and_mul(a["x"], "none")
+        if self.op == "rms_norm":
+            return impl.rms_norm(a["x"], a["w"], EPS)
+        if self.op == "fused_add_rms_norm":
+            return impl.rms_norm(a["x"], a["w"], EPS, a["r"])
+        q = a["qkv"][:, :HQ * HEAD]
+        k = a["qkv"][:, HQ * HEAD:(HQ + HK) * HEAD]
+        impl.rotary_embedding(a["pos"], q, k, HEAD, a["cache"], True)
+        return None
+
+    def outputs(self, a: dict[str, Any], result: Any) -> list[torch.Tensor]:
+        if self.op == "fused_add_rms_norm":
+            return [a["x"], a["r"]]
+        if self.op == "rotary_neox":
+            return [a["qkv"]]
+        return [result]
+
+    @property
+    def bytes(self) -> int:
+        t, e = self.tokens, 2
+        if self.op in ("silu_and_mul", "gelu_and_mul"):
+            return t * 3 * INTER * e
+        if self.op == "rms_norm":
+            return 2 * t * HIDDEN * e + HIDDEN * e
+        if self.op == "fused_add_rms_norm":
+            return 4 * t * HIDDEN * e + HIDDEN * e
+        return 2 * t * (HQ + HK) * HEAD * e + t * (8 + HEAD * e)
+
+
+OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "gelu_and_mul", "rotary_neox")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth, bytes/s (read + write counted)."""
+    a = torch.empty(2**29, dtype=torch.bfloat16, device=DEV).normal_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    del a, b
+    return 2 * 2**30 / (ms * 1e-3)
+
+
+def device_us(case: Case, impl: Any) -> float:
+    a = case.inputs()
+    fn = lambda: case.call(impl, a)  # noqa: E731
+    fn(), fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+
+
+def host_us(fn: Callable[[], Any], n: int = 3000) -> float:
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def check(case: Case, impl: Any) -> tuple[bool, float, float]:
+    """Run ``impl`` and the eager reference on identical fresh inputs.
+
+    Returns (ok, max abs error, relative error ||got - want|| / ||want||); ok: finite and the
+    relative error under bf16's unit roundoff (2^-8); see also the ``allclose`` column."""
+    a = case.inputs()
+    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    got = case.outputs(a, case.call(impl, a))
+    want = case.outputs(b, case.call(ref, b))
+    err, num, den, finite = 0.0, 0.0, 0.0, True
+    for g_, w_ in zip(got, want):
+        diff = g_.float() - w_.float()
+        err = max(err, diff.abs().max().item())
+        num += diff.pow(2).sum().item()
+        den += w_.float().pow(2).sum().item()
+        finite = finite and bool(torch.isfinite(g_).all())
+    rel = (num / den) ** 0.5 if den else 0.0
+    return finite and rel <= 2**-8, err, rel
+
+
+def allclose(case: Case, impl: Any) -> bool:
+    """Whether ``impl`` meets the flagos tolerance table element-wise (tests' criterion)."""
+    a = case.inputs()
+    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    got = case.outputs(a, case.call(impl, a))
+    want = case.outputs(b, case.call(ref, b))
+    atol, rtol = tolerance(DT)
+    return all(torch.allclose(g_.float(), w_.float(), atol=atol, rtol=rtol)
+               for g_, w_ in zip(got, want))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def _sweep_variants() -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """op -> [(label, module attributes of ops to override)]."""
+    act = [(f"{b},{w},s{st}", {"act_config": (lambda *a, _c=(b, w, st): _c)})
+           for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8)) for st in (0, 1, 2)]
+    norm = [(f"{m},{w}", {"norm_config": (lambda *a, _c=(m, 4096, True, w): _c)})
+            for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16))]
+    rope = [(f"{bh},{w}", {"rotary_config": (lambda *a, _c=(64, bh, w): _c)})
+            for bh, w in ((1, 1), (2, 1), (4, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8),
+                          (32, 16))]
+    return {"silu_and_mul": act, "gelu_and_mul": act}
+
+
+def sweep(out: list[str], sizes: tuple[int, ...]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for op, variants in _sweep_variants().items():
+        for tokens in sizes:
+            case = Case(op, tokens)
+            row = {}
+            for label, attrs in variants:
+                saved = {k: getattr(flagos, k) for k in attrs}
+                for k, v in attrs.items():
+                    setattr(flagos, k, v)
+                try:
+                    ok = check(case, flagos)[0]
+                    row[label] = round(device_us(case, flagos), 2) if ok else "WRONG"
+                except Exception as exc:
+                    row[label] = f"ERR {type(exc).__name__}"
+                finally:
+                    for k, v in saved.items():
+                        setattr(flagos, k, v)
+            times = {k: v for k, v in row.items() if isinstance(v, float)}
+            best = min(times, key=times.get) if times else None
+            dflt = round(device_us(case, flagos), 2)
+            line = (f"sweep {op:19s} T={tokens:6d} default {dflt} us, best {best} "
+                    f"{times.get(best)} us | " + " ".join(f"{k}:{v}" for k, v in row.items()))
+            print(line, flush=True)
+            out.append(line)
+            results[f"{op}/{tokens}"] = {"default_us": dflt, "best": best, "all": row}
+            torch.cuda.empty_cache()
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+
+def host_table(impls: dict[str, Any], out: list[str]) -> dict[str, Any]:
+    """Eager host time per call (no graph): our adapters, vLLM's, raw torch.ops._C, Triton's
+    own launch path of the same kernel (``JITFunction.run``), compile, eager."""
+    res: dict[str, Any] = {}
+    for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_neox"):
+        case = Case(op, 1)
+        for name, impl in impls.items():
+            if isinstance(impl, str):
+                continue
+            a = case.inputs()
+            try:
+                res[f"{name}/{op}"] = host_us(lambda: case.call(impl, a))
+            except Exception as exc:
+                res[f"{name}/{op}"] = f"ERR {type(exc).__name__}: {exc}"
+        a = case.inputs()
+        raw = _raw_vllm(op, a) if not isinstance(impls.get("vllm_cuda"), str) else None
+        if raw is not None:
+            res[f"vllm_C_raw/{op}"] = host_us(raw)
+        res[f"triton_run/{op}"] = host_us(_triton_run(op, case, a))
+        res[f"flagos_wrapper_no_launch/{op}"] = _no_launch(op, case, a)
+        res[f"flagos_cached_launch_only/{op}"] = host_us(_launch_only(op, case, a))
+    res["torch.empty(1, 4096)"] = host_us(
+        lambda: torch.empty(1, HIDDEN, dtype=DT, device=DEV))
+    for k, v in res.items():
+        line = f"host {k:36s} {v:8.2f} us/call" if isinstance(v, float) else f"host {k} {v}"
+        print(line, flush=True)
+        out.append(line)
+    return res
+
+
+def _raw_vllm(op: str, a: dict[str, Any]) -> Callable[[], Any] | None:
+    c = torch.ops._C
+    if op == "rms_norm":
+        o = torch.empty_like(a["x"])
+        return lambda: c.rms_norm(o, a["x"], a["w"], EPS)
+    if op == "fused_add_rms_norm":
+        return lambda: c.fused_add_rms_norm(a["x"], a["r"], a["w"], EPS)
+    if op == "silu_and_mul":
+        o = torch.empty(a["x"].shape[0], INTER, dtype=DT, device=DEV)
+        return lambda: c.silu_and_mul(o, a["x"])
+    q = a["qkv"][:, :HQ * HEAD]
+    k = a["qkv"][:, HQ * HEAD:(HQ + HK) * HEAD]
+    return lambda: c.rotary_embedding(a["pos"], q, k, HEAD, a["cache"], True)
+
+
+def _kernel(op: str) -> Any:
+    kernels = {"silu_and_mul": flagos.ACT_KERNEL, "rotary_neox": flagos.ROTARY_KERNEL}
+    return kernels.get(op, flagos.NORM_KERNEL)
+
+
+def _no_launch(op: str, case: Case, a: dict[str, Any]) -> float:
+    """Host time of our adapter with the kernel launch replaced by nothing."""
+    kern = _kernel(op)
+    kern.launch = lambda *args: None
+    try:
+        return host_us(lambda: case.call(flagos, a))
+    finally:
+        del kern.launch
+
+
+def _launch_only(op: str, case: Case, a: dict[str, Any]) -> Callable[[], Any]:
+    """``TritonKernel.launch`` alone, on the cached (fast) path."""
+    kern = _kernel(op)
+    captured: list[tuple] = []
+    kern.launch = lambda *args: captured.append(args)
+    try:
+        case.call(flagos, a)
+    finally:
+        del kern.launch
+    args = captured[0]
+    kern.launch(*args)
+    return lambda: kern.launch(*args)
+
+
+def _triton_run(op: str, case: Case, a: dict[str, Any]) -> Callable[[], Any]:
+    """The same flagos kernel launched through ``kernel[grid](...)`` (Triton's own path)."""
+    captured: dict[str, Any] = {}
+    kern = _kernel(op)
+    kern.launch = lambda key, grid, dev, tensors, ptrs, rest, w: captured.update(
+        grid=grid, args=(*tensors, *rest), w=w)
+    try:
+        case.call(flagos, a)
+    finally:
+        del kern.launch
+    jit = kern.jit()
+    g, args, w = captured["grid"], captured["args"], captured["w"]
+    return lambda: jit[g](*args, num_warps=w)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="tune launch configs instead")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    global CACHE
+    CACHE = rope_cache()
+    lines: list[str] = []
+    head = (f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
+            f"{triton.__version__} | vLLM _C {VLLM_LIB}")
+    print(head, flush=True)
+    lines.append(head)
+    if args.sweep:
+        res = sweep(lines, (1, 16, 64, 256, 4096, 16384) if not args.quick else (1, 16384))
+        _write(args.out, "sweep", lines, res)
+        return
+    peak = copy_bandwidth()
+    lines.append(f"measured device copy bandwidth {peak / 1e12:.3f} TB/s (read + write)")
+    print(lines[-1], flush=True)
+    impls = _impls()
+    for name, impl in impls.items():
+        if isinstance(impl, str):
+            lines.append(f"impl {name}: unavailable: {impl}")
+            print(lines[-1], flush=True)
+    sizes = (1, 64, 16384) if args.quick else DECODE + PREFILL
+    results: dict[str, Any] = {"peak_Bps": peak, "rows": []}
+    table = [f"{'impl':14s} {'op':19s} {'tokens':>6s} {'us':>9s} {'GB/s':>8s} {'%copy':>6s} "
+             f"{'x vLLM':>7s}  check vs eager reference"]
+    for op in OPS:
+        for tokens in sizes:
+            case = Case(op, tokens)
+            times: dict[str, float] = {}
+            for name, impl in impls.items():
+                if isinstance(impl, str):
+                    continue
+                row = {"impl": name, "op": op, "tokens": tokens}
+                try:
+                    ok, err, rel = check(case, impl)
+                    close = allclose(case, impl)
+                    us = device_us(case, impl)
+                    times[name] = us
+                    row.update(us=us, ok=ok, max_err=err, rel_err=rel, allclose=close)
+                except Exception as exc:
+                    row.update(error=f"{type(exc).__name__}: {exc}")
+                    traceback.print_exc()
+                results["rows"].append(row)
+            base = times.get("vllm_cuda")
+            for name, us in times.items():
+                bw = case.bytes / (us * 1e-6)
+                row = next(r for r in results["rows"] if r["impl"] == name and r["op"] == op
+                           and r["tokens"] == tokens)
+                speed = f"{base / us:7.2f}" if base else "      -"
+                line = (f"{name:14s} {op:19s} {tokens:6d} {us:9.2f} {bw / 1e9:8.0f} "
+                        f"{100 * bw / peak:6.1f} {speed}  "
+                        f"{'ok' if row['ok'] else 'WRONG'} rel {row['rel_err']:.1e} max "
+                        f"{row['max_err']:.3g} allclose {'yes' if row['allclose'] else 'no'}")
+                table.append(line)
+                print(line, flush=True)
+            torch.cuda.empty_cache()
+    lines += table
+    results["host"] = host_table(impls, lines)
+    results["fast_path_keys"] = {k.name: k.cached_keys for k in flagos.KERNELS}
+    lines.append(f"flagos cached launcher keys: {results['fast_path_keys']}")
+    _write(args.out, "kernels", lines, results)
+
+
+def _write(out_dir: str, stem: str, lines: list[str], data: Any) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    print("\n".join(lines[-60:]))
+
+
+CACHE: torch.Tensor
+if __name__ == "__main__":
+    main()
