@@ -33,6 +33,9 @@ class Impl:
     priority: int
     check: Check | None
     plugin: str
+    traceable: bool = False
+    """Plain PyTorch that ``torch.compile`` may trace and fuse (the reference backend); other
+    impls are called through an opaque custom op in compiled graphs."""
 
     def unavailable_reason(self) -> str | None:
         """Run the capability check; None when available, else why not (never raises)."""

@@ -69,12 +69,15 @@ class Registrar:
         vendor: str | None = None,
         priority: int | None = None,
         check: Check | None = None,
+        traceable: bool = False,
     ) -> None:
         """Register ``fn`` as implementation ``impl_id`` of ``op``.
 
         ``kind`` is flagos, vendor or reference; a vendor impl names its ``vendor``.
         ``priority`` defaults to the kind's (flagos 150, vendor 100, reference 50).
         ``check`` returns None when the impl can run on this machine, else the reason.
+        ``traceable=True`` declares ``fn`` plain PyTorch that ``torch.compile`` may trace and
+        fuse instead of calling it as an opaque op (only for code the compiler handles).
         """
         where = f"plugin {self.plugin!r} registering {impl_id!r} for op {op!r}"
         spec = self._registry.ops.get(op)
@@ -114,7 +117,8 @@ class Registrar:
                 f"{where}: op {op!r} already has impl {impl_id!r} from plugin {taken.plugin!r}"
             )
         self.staged.append(
-            Impl(op, impl_id, fn, kind, vendor, priority, check, plugin=self.plugin)
+            Impl(op, impl_id, fn, kind, vendor, priority, check, plugin=self.plugin,
+                 traceable=bool(traceable))
         )
 
     def commit(self) -> None:

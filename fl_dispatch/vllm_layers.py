@@ -23,10 +23,16 @@ log = get_logger()
 _is_compiling = torch.compiler.is_compiling
 
 
-# Eagerly: the bare chosen impl (fl_dispatch.fast), guarded here at no extra frame; under
-# torch.compile: the opaque custom op, whose implementation does the same.
+# Eagerly: the bare chosen impl (fl_dispatch.fast), guarded here at no extra frame. Under
+# torch.compile: the opaque custom op (whose implementation does the same), or, when the
+# chosen impl is plain PyTorch (``traceable``), the impl itself, for Inductor to fuse.
+TRACE: dict[str, bool] = dict.fromkeys(
+    ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding"), False)
+"""Per op: trace the chosen impl under torch.compile (set once per process)."""
+
+
 def _silu_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if _is_compiling():
+    if _is_compiling() and not TRACE["silu_and_mul"]:
         return torch.ops.fl_dispatch.silu_and_mul(x)
     f = fast.silu_and_mul
     try:
@@ -36,7 +42,7 @@ def _silu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if _is_compiling():
+    if _is_compiling() and not TRACE["gelu_and_mul"]:
         return torch.ops.fl_dispatch.gelu_and_mul(x, self.approximate)
     f = fast.gelu_and_mul
     try:
@@ -48,7 +54,7 @@ def _gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
     weight = self.weight.data if self.has_weight else None
     eps = self.variance_epsilon
-    if _is_compiling():
+    if _is_compiling() and not TRACE["rms_norm"]:
         if residual is None:
             return torch.ops.fl_dispatch.rms_norm(x, weight, eps)
         torch.ops.fl_dispatch.fused_add_rms_norm(x, residual, weight, eps)
@@ -63,7 +69,7 @@ def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = Non
 def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
                     key: torch.Tensor | None = None):
     cache = self._match_cos_sin_cache_dtype(query)
-    if _is_compiling():
+    if _is_compiling() and not TRACE["rotary_embedding"]:
         torch.ops.fl_dispatch.rotary_embedding(positions, query, key, self.head_size, cache,
                                                self.is_neox_style)
         return query, key
@@ -74,6 +80,16 @@ def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
     except Exception as exc:
         recover("rotary_embedding", f, exc, args)
     return query, key
+
+
+def set_tracing(dispatcher) -> dict[str, bool]:
+    """Decide, per op, whether compiled graphs trace the chosen impl (plain PyTorch, and no
+    per-call counting asked for) or call it as an opaque custom op."""
+    counting = dispatcher.policy.dispatch_debug.value
+    for name in TRACE:
+        chosen = dispatcher.selection(name).chosen
+        TRACE[name] = bool(chosen is not None and chosen.traceable and not counting)
+    return dict(TRACE)
 
 
 def _rms_norm_supported(layer) -> bool:

@@ -49,7 +49,10 @@ def fingerprint() -> str:
 
     d = get_dispatcher()
     chosen = {op: (s.chosen.impl_id if s.chosen else None) for op, s in d.selections().items()}
+    from .vllm_layers import TRACE
+
     data = {"selection": chosen, "oot": sorted(_state.get("oot_replaced", [])),
+            "traced": sorted(op for op, traced in TRACE.items() if traced),
             "version": __import__("fl_dispatch").__version__}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -132,10 +135,11 @@ def register() -> None:
 
 def _set_up_process(dispatcher: Any) -> None:
     """Everything one process needs, once per dispatcher (a forked child gets its own)."""
-    from .vllm_layers import register_ir_providers, register_layers
+    from .vllm_layers import register_ir_providers, register_layers, set_tracing
 
     dispatcher._fl_announced = True
     policy = dispatcher.policy
+    set_tracing(dispatcher)
     report = register_layers(policy.oot_allows, policy.strict.value)
     _state["oot_replaced"] = report.replaced
     register_ir_providers(policy.oot_allows)

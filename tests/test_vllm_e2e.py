@@ -160,3 +160,15 @@ def test_tiny_moe_model_matches_stock_vllm(tmp_path_factory):
     assert on["tokens"] == off["tokens"]
     d = deltas(on)
     assert d["silu_and_mul"] > 0 and d["rms_norm"] > 0 and d["rotary_embedding"] > 0
+
+
+def test_compiled_reference_without_counting_is_traced_and_matches_stock(model, tmp_path_factory):
+    """Production mode (no call counting): the compiler traces the plain-PyTorch reference
+    and fuses it like vLLM's native code; the tokens stay stock vLLM's."""
+    traced = generate("reference-traced", model, tmp_path_factory, eager=False,
+                      VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="0")
+    off = generate("off-False", model, tmp_path_factory, eager=False,
+                   VLLM_FL_PREFER_ENABLED="0")
+    assert traced["tokens"] == off["tokens"]
+    (sel,) = traced["selection"]
+    assert sel["selection"]["rms_norm"]["impl_id"] == "reference.torch"

@@ -202,3 +202,29 @@ def test_attention_backend_choice_and_user_override():
     assert "the user's explicit FLEX_ATTENTION wins over TRITON_ATTN" in log
     default, _ = run(code)  # the reference returns None: vLLM's own choice stays
     assert default["chosen"] is None and default["applied"] == "None"
+
+
+def test_compiled_graph_traces_plain_pytorch_and_keeps_kernels_opaque():
+    """The reference backend is plain PyTorch: the compiler may fuse it (as it fuses vLLM's
+    native code). Any other impl stays one opaque op; asking for call counts also keeps the
+    reference opaque so that every call is counted."""
+    code = """
+    from fl_dispatch import vllm_plugin
+    vllm_plugin.register()
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    with set_current_vllm_config(VllmConfig()):
+        norm = RMSNorm(32, eps=1e-6)
+    x = torch.randn(4, 32)
+    gm = torch._dynamo.export(lambda t: norm(t) * 1)(x).graph_module
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    emit(opaque=[t for t in targets if "fl_dispatch" in t],
+         traced=any("rsqrt" in t for t in targets), fp=vllm_plugin.fingerprint())
+    """
+    traced, _ = run(code, VLLM_FL_PREFER="reference")
+    assert traced["opaque"] == [] and traced["traced"]
+    counted, _ = run(code, VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="1")
+    assert counted["opaque"] == ["fl_dispatch.rms_norm"] and not counted["traced"]
+    kernel, _ = run(code, VLLM_FL_PLUGIN_MODULES="perturb_backend",
+                    VLLM_FL_PER_OP="rms_norm=vendor:perturb|reference")
+    assert kernel["opaque"] == ["fl_dispatch.rms_norm"] and not kernel["traced"]
+    assert len({traced["fp"], counted["fp"], kernel["fp"]}) == 3  # three compile cache keys

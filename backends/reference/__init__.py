@@ -22,4 +22,5 @@ def fl_dispatch_register_impls(registrar) -> None:
 
     for name in ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding",
                  "attention_backend"):
-        registrar.register(name, getattr(ops, name), impl_id=IMPL_ID, kind="reference")
+        registrar.register(name, getattr(ops, name), impl_id=IMPL_ID, kind="reference",
+                           traceable=True)
