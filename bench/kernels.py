@@ -98,8 +98,19 @@ class Case:
         if self.op == "rotary_neox":
             qkv = rn(t, (HQ + 2 * HK) * HEAD)
             pos = torch.randint(0, MAX_POS, (t,), device=DEV, generator=g)
-            return {"qkv": qkv, "pos": pos, "cache": CACHE}
+            return self._views({"qkv": qkv, "pos": pos, "cache": CACHE})
         raise ValueError(self.op)
+
+    @staticmethod
+    def _views(a: dict[str, Any]) -> dict[str, Any]:
+        """q and k: row-strided views of the fused qkv buffer, made once (not per call)."""
+        a["q"] = a["qkv"][:, :HQ * HEAD]
+        a["k"] = a["qkv"][:, HQ * HEAD:(HQ + HK) * HEAD]
+        return a
+
+    def clone(self, a: dict[str, Any]) -> dict[str, Any]:
+        b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+        return self._views(b) if self.op == "rotary_neox" else b
 
     def call(self, impl: Any, a: dict[str, Any]) -> Any:
         if self.op == "silu_and_mul":
@@ -110,9 +121,7 @@ class Case:
             return impl.rms_norm(a["x"], a["w"], EPS)
         if self.op == "fused_add_rms_norm":
             return impl.rms_norm(a["x"], a["w"], EPS, a["r"])
-        q = a["qkv"][:, :HQ * HEAD]
-        k = a["qkv"][:, HQ * HEAD:(HQ + HK) * HEAD]
-        impl.rotary_embedding(a["pos"], q, k, HEAD, a["cache"], True)
+        impl.rotary_embedding(a["pos"], a["q"], a["k"], HEAD, a["cache"], True)
         return None
 
     def outputs(self, a: dict[str, Any], result: Any) -> list[torch.Tensor]:
@@ -156,15 +165,19 @@ def device_us(case: Case, impl: Any) -> float:
     return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
 
 
-def host_us(fn: Callable[[], Any], n: int = 3000) -> float:
-    for _ in range(100):
+def host_us(fn: Callable[[], Any], n: int = 400, rounds: int = 7) -> float:
+    """Median over ``rounds`` of the wall time per call of ``n`` eager calls."""
+    for _ in range(200):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+    per_call = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        per_call.append((time.perf_counter() - t0) / n * 1e6)
+    return sorted(per_call)[rounds // 2]
 
 
 def check(case: Case, impl: Any) -> tuple[bool, float, float]:
@@ -173,7 +186,7 @@ def check(case: Case, impl: Any) -> tuple[bool, float, float]:
     Returns (ok, max abs error, relative error ||got - want|| / ||want||); ok: finite and the
     relative error under bf16's unit roundoff (2^-8); see also the ``allclose`` column."""
     a = case.inputs()
-    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    b = case.clone(a)
     got = case.outputs(a, case.call(impl, a))
     want = case.outputs(b, case.call(ref, b))
     err, num, den, finite = 0.0, 0.0, 0.0, True
@@ -190,7 +203,7 @@ def check(case: Case, impl: Any) -> tuple[bool, float, float]:
 def allclose(case: Case, impl: Any) -> bool:
     """Whether ``impl`` meets the flagos tolerance table element-wise (tests' criterion)."""
     a = case.inputs()
-    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    b = case.clone(a)
     got = case.outputs(a, case.call(impl, a))
     want = case.outputs(b, case.call(ref, b))
     atol, rtol = tolerance(DT)
@@ -244,64 +257,87 @@ def sweep(out: list[str], sizes: tuple[int, ...]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- main
 
-def host_table(impls: dict[str, Any], out: list[str]) -> dict[str, Any]:
-    """Eager host time per call (no graph): our adapters, vLLM's, raw torch.ops._C, Triton's
-    own launch path of the same kernel (``JITFunction.run``), compile, eager."""
+def host_table(impls: dict[str, Any], out: list[str], rounds: int = 9,
+               n: int = 300) -> dict[str, Any]:
+    """Eager host time per call (no graph), one token: our adapters, vLLM's adapters, raw
+    ``torch.ops._C`` calls (with and without allocating the output), Triton's own launch path
+    of the same kernel (``kernel[grid](...)``), our adapter without the launch, our cached
+    launch alone, torch.compile, eager. Round-robin over the entries, median of ``rounds``
+    rounds of ``n`` calls each, so that drifts of the host hit every entry alike."""
     res: dict[str, Any] = {}
+    spin = time.perf_counter() + 2.0
+    while time.perf_counter() < spin:  # let the host clock up before anything is timed
+        pass
     for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_neox"):
         case = Case(op, 1)
+        entries: list[tuple[str, Callable[[], Any], Any]] = []
         for name, impl in impls.items():
-            if isinstance(impl, str):
-                continue
-            a = case.inputs()
-            try:
-                res[f"{name}/{op}"] = host_us(lambda: case.call(impl, a))
-            except Exception as exc:
-                res[f"{name}/{op}"] = f"ERR {type(exc).__name__}: {exc}"
+            if not isinstance(impl, str):
+                a = case.inputs()
+                entries.append((name, (lambda impl=impl, a=a: case.call(impl, a)), None))
         a = case.inputs()
-        raw = _raw_vllm(op, a) if not isinstance(impls.get("vllm_cuda"), str) else None
-        if raw is not None:
-            res[f"vllm_C_raw/{op}"] = host_us(raw)
-        res[f"triton_run/{op}"] = host_us(_triton_run(op, case, a))
-        res[f"flagos_wrapper_no_launch/{op}"] = _no_launch(op, case, a)
-        res[f"flagos_cached_launch_only/{op}"] = host_us(_launch_only(op, case, a))
+        if not isinstance(impls.get("vllm_cuda"), str):
+            entries += [(name, fn, None) for name, fn in _raw_vllm(op, a).items()]
+        entries.append(("triton_run", _triton_run(op, case, a), None))
+        entries.append(("flagos_cached_launch_only", _launch_only(op, case, a), None))
+        entries.append(("flagos_wrapper_no_launch", lambda a=a: case.call(flagos, a),
+                        _kernel(op)))
+        samples: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+        for name, fn, _ in entries:
+            for _ in range(100):
+                fn() if name != "flagos_wrapper_no_launch" else None
+        for _ in range(rounds):
+            for name, fn, no_launch in entries:
+                if no_launch is not None:
+                    no_launch.launch = lambda *args: None
+                try:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    torch.cuda.synchronize()
+                    samples[name].append((time.perf_counter() - t0) / n * 1e6)
+                except Exception as exc:
+                    samples[name].append(float("nan"))
+                    res[f"{name}/{op} error"] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    if no_launch is not None:
+                        del no_launch.launch
+        for name, vals in samples.items():
+            res[f"{name}/{op}"] = sorted(vals)[len(vals) // 2]
     res["torch.empty(1, 4096)"] = host_us(
         lambda: torch.empty(1, HIDDEN, dtype=DT, device=DEV))
+    res.update(_launch_parts())
     for k, v in res.items():
-        line = f"host {k:36s} {v:8.2f} us/call" if isinstance(v, float) else f"host {k} {v}"
+        line = f"host {k:44s} {v:8.2f} us/call" if isinstance(v, float) else f"host {k} {v}"
         print(line, flush=True)
         out.append(line)
     return res
 
 
-def _raw_vllm(op: str, a: dict[str, Any]) -> Callable[[], Any] | None:
+def _raw_vllm(op: str, a: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """vLLM's ops called straight through ``torch.ops._C``: output preallocated, and (for the
+    ops that return a new tensor) also allocating it per call as any caller must."""
     c = torch.ops._C
+    x = a.get("x")
     if op == "rms_norm":
-        o = torch.empty_like(a["x"])
-        return lambda: c.rms_norm(o, a["x"], a["w"], EPS)
+        o = torch.empty_like(x)
+        return {"vllm_C_raw": lambda: c.rms_norm(o, x, a["w"], EPS),
+                "vllm_C_raw+alloc": lambda: c.rms_norm(torch.empty_like(x), x, a["w"], EPS)}
     if op == "fused_add_rms_norm":
-        return lambda: c.fused_add_rms_norm(a["x"], a["r"], a["w"], EPS)
+        return {"vllm_C_raw": lambda: c.fused_add_rms_norm(x, a["r"], a["w"], EPS)}
     if op == "silu_and_mul":
-        o = torch.empty(a["x"].shape[0], INTER, dtype=DT, device=DEV)
-        return lambda: c.silu_and_mul(o, a["x"])
-    q = a["qkv"][:, :HQ * HEAD]
-    k = a["qkv"][:, HQ * HEAD:(HQ + HK) * HEAD]
-    return lambda: c.rotary_embedding(a["pos"], q, k, HEAD, a["cache"], True)
+        o = torch.empty(x.shape[0], INTER, dtype=DT, device=DEV)
+        return {"vllm_C_raw": lambda: c.silu_and_mul(o, x),
+                "vllm_C_raw+alloc": lambda: c.silu_and_mul(
+                    torch.empty(x.shape[0], INTER, dtype=DT, device=DEV), x)}
+    return {"vllm_C_raw": lambda: c.rotary_embedding(a["pos"], a["q"], a["k"], HEAD,
+                                                     a["cache"], True)}
 
 
 def _kernel(op: str) -> Any:
     kernels = {"silu_and_mul": flagos.ACT_KERNEL, "rotary_neox": flagos.ROTARY_KERNEL}
     return kernels.get(op, flagos.NORM_KERNEL)
-
-
-def _no_launch(op: str, case: Case, a: dict[str, Any]) -> float:
-    """Host time of our adapter with the kernel launch replaced by nothing."""
-    kern = _kernel(op)
-    kern.launch = lambda *args: None
-    try:
-        return host_us(lambda: case.call(flagos, a))
-    finally:
-        del kern.launch
 
 
 def _launch_only(op: str, case: Case, a: dict[str, Any]) -> Callable[[], Any]:
@@ -316,6 +352,44 @@ def _launch_only(op: str, case: Case, a: dict[str, Any]) -> Callable[[], Any]:
     args = captured[0]
     kern.launch(*args)
     return lambda: kern.launch(*args)
+
+
+def _launch_parts() -> dict[str, Any]:
+    """Where the cached launch's host time goes (fused rms_norm, one token)."""
+    import inspect
+
+    case = Case("fused_add_rms_norm", 1)
+    a = case.inputs()
+    kern = flagos.NORM_KERNEL
+    captured: list[tuple] = []
+    kern.launch = lambda *args: captured.append(args)
+    try:
+        case.call(flagos, a)
+    finally:
+        del kern.launch
+    key, grid, dev, tensors, ptrs, rest, warps = captured[0]
+    fast, function, head = kern._fast[key]
+    stream = kern._stream(dev)
+    out: dict[str, Any] = {}
+    out["launch part: our cached launch call"] = host_us(
+        lambda: fast(grid[0], grid[1], grid[2], stream, function, *head, *ptrs, *rest))
+    compiled = kern.jit()[grid](*tensors, *rest, num_warps=warps)
+    launcher, meta = compiled.run, compiled.packed_metadata
+    out["launch part: Triton's CompiledKernel.run(...)"] = host_us(
+        lambda: launcher(grid[0], grid[1], grid[2], stream, function, meta, None, None, None,
+                         *ptrs, *rest))
+    out["launch part: same with tensors (data_ptr + driver check)"] = host_us(
+        lambda: launcher(grid[0], grid[1], grid[2], stream, function, meta, None, None, None,
+                         *tensors, *rest))
+    out["launch part: stream getter"] = host_us(lambda: kern._stream(dev))
+    out["launch part: dict lookup of the key"] = host_us(lambda: kern._fast.get(key))
+    out["launcher"] = f"{type(launcher).__module__}.{type(launcher).__qualname__}, cached " \
+                      f"call {getattr(fast, '__qualname__', fast)}"
+    try:
+        out["launcher __call__ source"] = inspect.getsource(type(launcher).__call__)[:1500]
+    except Exception as exc:
+        out["launcher __call__ source"] = repr(exc)
+    return out
 
 
 def _triton_run(op: str, case: Case, a: dict[str, Any]) -> Callable[[], Any]:

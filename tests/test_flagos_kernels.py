@@ -564,7 +564,59 @@ def test_interpreter_works_when_triton_was_imported_without_it():
 def test_act_and_mul_streaming_variants(monkeypatch, stream):
     """The cache-hint variants used for tensors larger than L2 compute the same."""
     ops = _ops()
-    monkeypatch.setattr(ops, "act_config", lambda rows, d: (64, 2, stream))
+    monkeypatch.setattr(ops, "act_config", lambda rows, d, act: (64, 2, stream))
     x = _randn(3, 2 * 100, dtype=torch.bfloat16, scale=3.0)
     _close(ops.silu_and_mul(x), ref.silu_and_mul(x))
     _close(ops.gelu_and_mul(x, "tanh"), ref.gelu_and_mul(x, "tanh"))
+
+
+class _Launcher36:
+    """The shape of Triton 3.4-3.6's CudaLauncher (its __call__ only adds scratch buffers)."""
+
+    launch_cooperative_grid, launch_pdl = False, True
+    global_scratch_size = profile_scratch_size = 0
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.launch = lambda *args: self.calls.append(("c", args))
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        self.calls.append(("py", (gridX, gridY, gridZ, stream, function, *args)))
+
+
+class _Launcher39(_Launcher36):
+    """Triton >= 3.5 names the launch metadata and hooks, and passes annotations to C."""
+
+    arg_annotations = ()
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata,
+                 launch_metadata, launch_enter_hook, launch_exit_hook, *args):
+        self.calls.append(("py", (gridX, gridY, gridZ, stream, function, kernel_metadata,
+                                  launch_metadata, launch_enter_hook, launch_exit_hook,
+                                  *args)))
+
+
+@pytest.mark.parametrize("cls,scratch,direct", [(_Launcher36, 0, True), (_Launcher39, 0, False),
+                                                (_Launcher36, 64, False)])
+def test_cached_launch_argument_layout(monkeypatch, cls, scratch, direct):
+    from fl_dispatch_flagos import launcher as launcher_mod
+
+    run = cls()
+    run.global_scratch_size = scratch
+    compiled = types.SimpleNamespace(run=run, function=1234, packed_metadata=("meta",))
+    kern = launcher_mod.TritonKernel("unused", "unused")
+    monkeypatch.setattr(launcher_mod, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(launcher_mod, "_hooks_active", lambda: False)
+    monkeypatch.setattr(kern, "jit", lambda: {(2, 3, 1): lambda *a, **k: compiled})
+    monkeypatch.setattr(launcher_mod, "_stream_getter", lambda: lambda dev: 77)
+    kern.launch(("k",), (2, 3, 1), 0, ("t1", "t2"), (10, 20), (5, True), 4)  # slow: compiles
+    assert kern.slow_launches == 1 and kern.cached_keys == 1 and not run.calls
+    kern.launch(("k",), (2, 3, 1), 0, ("t1", "t2"), (10, 20), (5, True), 4)  # fast
+    assert kern.slow_launches == 1
+    kind, args = run.calls[-1]
+    assert kind == ("c" if direct else "py")
+    tail = (("meta",), None, None, None, 10, 20, 5, True)
+    if direct:
+        assert args == (2, 3, 1, 77, 1234, False, True, None, None) + tail
+    else:
+        assert args == (2, 3, 1, 77, 1234) + tail
