@@ -35,12 +35,19 @@ def _enabled() -> bool:
                                f"{raw!r} is not a boolean; use true or false")])
 
 
+def process_rank() -> str | None:
+    """This process's rank: ``RANK``, else the N of vLLM's ``VllmWorker-N`` process name."""
+    if os.environ.get("RANK"):
+        return os.environ["RANK"]
+    name = multiprocessing.current_process().name
+    match = re.search(r"(\d+)$", name)
+    return match.group(1) if match and "Worker" in name else None
+
+
 def process_identity() -> str:
     """``rank=R pid=P process=NAME`` for the current vLLM process."""
     name = multiprocessing.current_process().name
-    match = re.search(r"(\d+)$", name)
-    rank = os.environ.get("RANK") or (match.group(1) if match and "Worker" in name else "-")
-    return f"rank={rank} pid={os.getpid()} process={name}"
+    return f"rank={process_rank() or '-'} pid={os.getpid()} process={name}"
 
 
 def fingerprint() -> str:

@@ -103,7 +103,13 @@ def test_explain_json_schema_and_sources():
     assert config["deny_vendors"] == {"value": ["ascend"],
                                       "source": f"platform:{platform_file('cuda')}"}
     assert config["strict"]["source"] == f"platform:{platform_file('cuda')}"
-    assert config["op_backends"] == {"value": {}, "source": "default"}
+    assert config["op_backends"] == {"value": {"attention_backend": ["reference"]},
+                                     "source": f"platform:{platform_file('cuda')}"}
+    assert config["allow_vendors"] == {"value": None, "source": "default"}
+    attn = data["ops"]["attention_backend"]
+    assert attn["selected"] == "reference.torch"
+    flagos_attn = next(c for c in attn["candidates"] if c["impl_id"] == "default.flagos")
+    assert flagos_attn["reason"].startswith("not in the op's order 'reference'")
     rms = {c["impl_id"]: c for c in data["ops"]["rms_norm"]["candidates"]}
     assert rms["vendor.ascend"]["reason"].startswith("vendor 'ascend' denied by deny_vendors")
     assert rms["reference.torch"]["available"] is True

@@ -74,11 +74,11 @@ def test_defaults_when_nothing_is_set():
     assert policy.warnings == ()
 
 
-@pytest.mark.parametrize("platform, path, prefer, denied", [
-    ("cuda", CUDA_YAML, "flagos", ("ascend",)),
-    ("ascend", ASCEND_YAML, "vendor", ("cuda",)),
+@pytest.mark.parametrize("platform, path, prefer, denied, orders", [
+    ("cuda", CUDA_YAML, "flagos", ("ascend",), {"attention_backend": ("reference",)}),
+    ("ascend", ASCEND_YAML, "vendor", ("cuda",), None),
 ])
-def test_platform_file_forced_by_variable(platform, path, prefer, denied):
+def test_platform_file_forced_by_variable(platform, path, prefer, denied, orders):
     policy = resolve(VLLM_FL_PLATFORM=platform)
     assert policy.platform.value == platform
     assert policy.platform.source == "env:VLLM_FL_PLATFORM"
@@ -88,8 +88,10 @@ def test_platform_file_forced_by_variable(platform, path, prefer, denied):
     assert policy.deny_vendors.value == denied and policy.deny_vendors.source == source
     assert "mm" in policy.flagos_blacklist.value
     assert policy.flagos_blacklist.source == source
-    # keys the file does not set keep the built-in default
-    assert policy.op_backends.source == "default"
+    if orders is None:  # keys the file does not set keep the built-in default
+        assert policy.op_backends.source == "default"
+    else:
+        assert policy.op_backends.value == orders and policy.op_backends.source == source
     assert policy.allow_vendors.source == "default"
 
 

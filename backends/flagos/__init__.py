@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fl_dispatch import BackendInfo, hookimpl
 
-from .capability import unavailable_reason
+from .capability import gpu_unavailable_reason, unavailable_reason
 
 IMPL_ID = "default.flagos"
 KIND = "flagos"
@@ -31,3 +31,18 @@ def fl_dispatch_register_impls(registrar) -> None:
         registrar.register(name, getattr(flaggems, name), impl_id=flaggems.IMPL_ID,
                            kind=KIND, priority=flaggems.PRIORITY,
                            check=flaggems.flaggems_unavailable_reason)
+    registrar.register("attention_backend", attention_backend, impl_id=IMPL_ID, kind=KIND,
+                       check=gpu_unavailable_reason)
+
+
+def attention_backend(use_mla: bool = False) -> str | None:
+    """vLLM's Triton attention backends: the vendor-neutral choice."""
+    return "TRITON_MLA" if use_mla else "TRITON_ATTN"
+
+
+@hookimpl
+def fl_dispatch_process_init(policy) -> str | None:
+    """Enable FlagGems' aten-level registration in this process, as the policy says."""
+    from .flaggems import enable_flaggems
+
+    return enable_flaggems(policy)

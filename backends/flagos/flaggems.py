@@ -86,7 +86,9 @@ def enable_flaggems(policy: Any) -> str:
         flag_gems.enable(unused=blacklist)
         how = f"enable(unused={len(blacklist)} ops)"
     ops = _registered_ops(flag_gems)
-    path = oplist_path(policy.flaggems_oplist_path.value)
+    from fl_dispatch.vllm_plugin import process_rank
+
+    path = oplist_path(policy.flaggems_oplist_path.value, process_rank())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{op}\n" for op in ops) if ops is not None
