@@ -170,17 +170,19 @@ def make_timer(device: torch.device, repeats: int) -> tuple[Timer, str]:
 
 def copy_bandwidth(device: torch.device, timer: Timer) -> tuple[float, int]:
     """Bytes per second of a device-to-device copy of a large buffer (read + write counted),
-    and the buffer's size."""
+    and the buffer's size: the better of ``copy_`` (a memcpy) and an elementwise kernel
+    (``mul(src, 1, out=dst)``), since on a GPU the memcpy path is not the fastest copy (on an
+    H100: about 2.4 TB/s for the memcpy against 3.0 for a vectorized elementwise kernel)."""
     import torch
 
     size = (1 << 30) if device.type != "cpu" else (128 << 20)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         size = min(size, free // 4)
-    src = torch.ones(size, dtype=torch.uint8, device=device)
+    src = torch.ones(size // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = timer(lambda: dst.copy_(src))
-    return 2 * size / seconds, size
+    seconds = min(timer(lambda: dst.copy_(src)), timer(lambda: torch.mul(src, 1, out=dst)))
+    return 2 * src.numel() * 4 / seconds, src.numel() * 4
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
