@@ -5,13 +5,17 @@ with one usable impl (or in strict mode) the entry *is* that function; with fall
 generated function of the op's own signature that calls the chosen impl inside ``try``. The
 first failure of an impl logs one WARNING with the cause, demotes it for the process and
 switches the entry to the next candidate; strict mode lets the exception propagate.
+
+Two namespaces hold the frozen callables, bound when the process dispatcher is created:
+``fl_dispatch.ops.<op>`` (the entry, guarded when there is a fallback) and
+``fl_dispatch.fast.<op>`` (the bare current impl, for callers that guard the call themselves
+with :func:`recover`, as the vLLM glue does: no extra frame at all).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import inspect
 import os
 import sys
 import threading
