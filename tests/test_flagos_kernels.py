@@ -145,6 +145,26 @@ def test_rms_norm(shape, dtype, weight_kind):
     assert torch.equal(x, before), "rms_norm without residual must not change x"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_views_and_weight_layouts(dtype):
+    """The 2-D fast path: row-strided x (one row and several), a strided weight (general
+    path), a weight of the wrong length (rejected); results are fresh row-major tensors."""
+    n = 48
+    buf = _randn(4, 2 * n + 8, dtype=dtype, scale=2.0)
+    wbuf = _randn(2 * n, dtype=dtype)
+    for x in (buf[:, 8:8 + n], buf[1:2, 8:8 + n], buf[:, :n].contiguous()):
+        for weight in (wbuf[:n], wbuf[::2], None):
+            before = buf.clone()
+            got = _ops().rms_norm(x, weight, EPS)
+            _close(got, ref.rms_norm(x, weight, EPS))
+            assert got.is_contiguous() and got.shape == x.shape and got.dtype == x.dtype
+            assert torch.equal(buf, before), "rms_norm without residual must not change x"
+    with pytest.raises(ValueError):
+        _ops().rms_norm(buf[:, :n], wbuf[:n - 1], EPS)
+    with pytest.raises(ValueError):
+        _ops().rms_norm(buf[:, :n], wbuf[:n - 1], EPS, buf[:, n:2 * n].clone())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [64, 200, 9000])
 @pytest.mark.parametrize("with_weight", [True, False])
@@ -267,6 +287,9 @@ class _Spy:
         assert list(ptrs) == [t.data_ptr() for t in tensors]
         self.calls.append((key, (*tensors, *rest, num_warps)))
 
+    def cached(self, key):  # nothing cached: hot adapters fall back to launch
+        return None
+
 
 def _triton_specialization(args, nospec: tuple[int, ...]) -> tuple:
     """Triton's own specialization of each argument (what its kernel cache keys on)."""
@@ -333,6 +356,26 @@ def test_cached_launcher_takes_the_fast_path_and_agrees():
     y = _randn(7, 2 * 320 + 1, dtype=torch.bfloat16)[:, 1:]
     _close(ops.silu_and_mul(y), ref.silu_and_mul(y))
     assert ops.ACT_KERNEL.slow_launches == slow + 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the cached launcher only exists for compiled kernels")
+def test_rms_norm_fast_path_takes_the_cached_launcher_and_agrees():
+    """rms_norm's inline fast path (plain and fused) calls the cached launcher itself."""
+    ops = _ops()
+    x = _randn(5, 256, dtype=torch.bfloat16, scale=2.0)
+    w = _randn(256, dtype=torch.bfloat16)
+    first = ops.rms_norm(x, w, EPS)
+    r0 = _randn(5, 256, dtype=torch.bfloat16)
+    xf, rf = x.clone(), r0.clone()
+    ops.rms_norm(xf, w, EPS, rf)
+    slow = ops.NORM_KERNEL.slow_launches
+    for _ in range(3):
+        assert torch.equal(ops.rms_norm(x, w, EPS), first)
+        xa, ra = x.clone(), r0.clone()
+        ops.rms_norm(xa, w, EPS, ra)
+        assert torch.equal(xa, xf) and torch.equal(ra, rf)
+    assert ops.NORM_KERNEL.slow_launches == slow, "later calls must bypass JITFunction.run"
+    _close(first, ref.rms_norm(x, w, EPS))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

@@ -112,7 +112,12 @@ class TritonKernel:
         self.name = name
         self.do_not_specialize = do_not_specialize
         self._decorated: dict[bool, Any] = {}
-        self._fast: dict[tuple, tuple[Callable[..., Any], Any, tuple]] = {}
+        self._fast: dict[tuple, tuple[Callable[..., Any], Callable[[int], int], tuple]] = {}
+        self.cached = self._fast.get
+        """``cached(key)``: None before the first launch with ``key`` (and always under the
+        interpreter), else ``(run, stream, head)``, a launch being
+        ``run(gx, gy, gz, stream(device), *head, *ptrs, *rest)``. Hot adapters call it
+        themselves and fall back to :meth:`launch` (same key, same arguments) on None."""
         self._stream: Callable[[int], int] | None = None
         self.slow_launches = 0
         """Launches that went through Triton's own ``run`` (first of a key, interpreter)."""
@@ -139,8 +144,8 @@ class TritonKernel:
         ``device`` is the CUDA index of the tensors (the current device)."""
         fast = self._fast.get(key)
         if fast is not None:
-            run, function, head = fast
-            run(grid[0], grid[1], grid[2], self._stream(device), function, *head, *ptrs, *rest)
+            run, stream, head = fast
+            run(grid[0], grid[1], grid[2], stream(device), *head, *ptrs, *rest)
             return
         self._launch_slow(key, grid, (*tensors, *rest), num_warps)
 
@@ -158,7 +163,8 @@ class TritonKernel:
         if direct is not None:
             if self._stream is None:
                 self._stream = _stream_getter()
-            self._fast[key] = direct
+            run, function, head = direct
+            self._fast[key] = (run, self._stream, (function, *head))
 
     def clear(self) -> None:
         """Forget the cached launchers (the next launch of each key takes the slow path)."""

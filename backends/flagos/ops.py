@@ -200,26 +200,58 @@ def rms_norm(
     epsilon: float,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMS norm; with ``residual`` the fused add + norm, in place on ``x`` and ``residual``."""
+    """RMS norm; with ``residual`` the fused add + norm, in place on ``x`` and ``residual``.
+
+    The common case (2-D rows with unit column stride, a contiguous weight or none) is written
+    out inline with its own launcher keys and calls the cached launcher directly: per eager call
+    this path is host-time bound (see docs/performance.md, "Host time")."""
     shape = x.shape
-    n_cols = shape[-1]
-    has_w = weight is not None
-    if has_w:
-        weight = _weight(weight, n_cols)
-    if len(shape) == 2 and 0 < shape[0] <= _INT32_MAX and n_cols:  # the common case
-        rows = shape[0]
+    if len(shape) == 2:
+        rows, n_cols = shape
         sx, sx1 = x.stride()
-        if sx1 == 1:
+        if weight is None:
+            w, has_w = x, False
+        elif weight.stride() == (1,) and weight.numel() == n_cols:
+            w, has_w = weight, True
+        else:
+            w = None
+        if sx1 == 1 and w is not None and 0 < rows <= _INT32_MAX and n_cols:
+            block_m, block_n, single, warps = norm_config(rows, n_cols)
+            px, pw = x.data_ptr(), w.data_ptr()
+            dev = x.get_device()
+            kernel = NORM_KERNEL
             if residual is None:
-                out = x.new_empty(shape)
-                _norm_launch(x, x, weight if has_w else x, out, rows, n_cols, sx, sx, n_cols,
-                             epsilon, False, has_w)
+                # empty_like keeps a dense x's strides: only a contiguous x (or one row) has
+                # them equal to a fresh row-major tensor's, and it is the cheaper allocation
+                out = torch.empty_like(x) if sx == n_cols or rows == 1 else x.new_empty(shape)
+                po = out.data_ptr()
+                key = ("norm", x.dtype, w.dtype, px & 15, pw & 15, po & 15, n_cols, sx, has_w,
+                       block_m, warps, dev)
+                args = (px, px, pw, po, rows, n_cols, sx, sx, n_cols, epsilon, False, has_w,
+                        block_m, block_n, single)
+                fast = kernel.cached(key)
+                if fast is not None:
+                    fast[0]((rows + block_m - 1) // block_m, 1, 1, fast[1](dev), *fast[2],
+                            *args)
+                else:
+                    kernel.launch(key, ((rows + block_m - 1) // block_m, 1, 1), dev,
+                                  (x, x, w, out), args[:4], args[4:], warps)
                 return out
             if residual.shape == shape:
                 sr, sr1 = residual.stride()
                 if sr1 == 1:
-                    _norm_launch(x, residual, weight if has_w else x, x, rows, n_cols, sx, sr,
-                                 sx, epsilon, True, has_w)
+                    pr = residual.data_ptr()
+                    key = ("add_norm", x.dtype, residual.dtype, w.dtype, px & 15, pr & 15,
+                           pw & 15, n_cols, sx, sr, has_w, block_m, warps, dev)
+                    args = (px, pr, pw, px, rows, n_cols, sx, sr, sx, epsilon, True, has_w,
+                            block_m, block_n, single)
+                    fast = kernel.cached(key)
+                    if fast is not None:
+                        fast[0]((rows + block_m - 1) // block_m, 1, 1, fast[1](dev), *fast[2],
+                                *args)
+                    else:
+                        kernel.launch(key, ((rows + block_m - 1) // block_m, 1, 1), dev,
+                                      (x, residual, w, x), args[:4], args[4:], warps)
                     return x, residual
     return _rms_norm_any(x, weight, epsilon, residual)
 
@@ -228,6 +260,8 @@ def _rms_norm_any(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float,
                   residual: torch.Tensor | None) -> Any:
     """Any layout: rows through views where possible, else contiguous copies written back."""
     n_cols = x.shape[-1]
+    if weight is not None:
+        weight = _weight(weight, n_cols)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual has shape {tuple(residual.shape)}, "
                          f"x has {tuple(x.shape)}")
