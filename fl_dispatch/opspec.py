@@ -41,6 +41,24 @@ class OpSpec:
         return f"signature {got} does not match the op's {self.signature}"
 
 
+GELU_APPROXIMATIONS = ("none", "tanh")
+"""Valid values of gelu_and_mul's ``approximate``."""
+
+
+def bad_approximate(value: object) -> ValueError:
+    """The error every gelu_and_mul impl raises for an ``approximate`` it does not know."""
+    return ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', got {value!r}")
+
+
+def write_out(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The ``out`` contract of the activation ops: without ``out`` return ``result``; with it,
+    copy ``result`` into ``out`` (which may be a strided view) and return ``out``."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
 def _silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x[..., :d]) * x[..., d:], d = x.shape[-1] // 2, computed as vLLM's
     ``SiluAndMul.forward_native``. With ``out`` the result is written into it and ``out`` is

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fl_dispatch.opspec import write_out
+
 
 def _npu():
     import torch_npu
@@ -15,11 +17,7 @@ def _npu():
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    result = _npu().npu_swiglu(x.contiguous(), dim=-1)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return write_out(_npu().npu_swiglu(x.contiguous(), dim=-1), out)
 
 
 def rms_norm(

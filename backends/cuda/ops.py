@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from fl_dispatch.opspec import bad_approximate
+
 LIBRARY_ENV = "FL_DISPATCH_VLLM_C"
 """Path of a vLLM ``_C`` library to load when ``vllm._C`` is not importable (benchmarks)."""
 
@@ -61,8 +63,7 @@ def gelu_and_mul(
 ) -> torch.Tensor:
     kernels = {"none": "gelu_and_mul", "tanh": "gelu_tanh_and_mul"}
     if approximate not in kernels:
-        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', "
-                         f"got {approximate!r}")
+        raise bad_approximate(approximate)
     return _act(kernels[approximate], x, out)
 
 

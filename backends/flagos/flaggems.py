@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_dispatch.opspec import GELU_APPROXIMATIONS, bad_approximate, write_out
+
 if TYPE_CHECKING:
     import torch
 
@@ -107,25 +109,16 @@ def enable_flaggems(policy: Any) -> str:
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = x.shape[-1] // 2
-    result = _flag_gems().silu_and_mul(x[..., :d], x[..., d:])
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return write_out(_flag_gems().silu_and_mul(x[..., :d], x[..., d:]), out)
 
 
 def gelu_and_mul(
     x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', "
-                         f"got {approximate!r}")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise bad_approximate(approximate)
     d = x.shape[-1] // 2
-    result = _flag_gems().gelu_and_mul(x[..., :d], x[..., d:], approximate)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return write_out(_flag_gems().gelu_and_mul(x[..., :d], x[..., d:], approximate), out)
 
 
 def rms_norm(

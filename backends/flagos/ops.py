@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fl_dispatch.opspec import bad_approximate
+
 from .launcher import TritonKernel
 
 _PKG = __package__ or "fl_dispatch_flagos"
@@ -165,8 +167,7 @@ def gelu_and_mul(
     """gelu(x[..., :d], approximate) * x[..., d:] (approximate 'none' or 'tanh')."""
     code = _GELU_CODES.get(approximate)
     if code is None:
-        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', "
-                         f"got {approximate!r}")
+        raise bad_approximate(approximate)
     return _act_and_mul(x, out, code)
 
 

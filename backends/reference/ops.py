@@ -5,27 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _write(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+from fl_dispatch.opspec import GELU_APPROXIMATIONS, bad_approximate, write_out
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = x.shape[-1] // 2
-    return _write(F.silu(x[..., :d]) * x[..., d:], out)
+    return write_out(F.silu(x[..., :d]) * x[..., d:], out)
 
 
 def gelu_and_mul(
     x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu_and_mul: approximate must be 'none' or 'tanh', "
-                         f"got {approximate!r}")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise bad_approximate(approximate)
     d = x.shape[-1] // 2
-    return _write(F.gelu(x[..., :d], approximate=approximate) * x[..., d:], out)
+    return write_out(F.gelu(x[..., :d], approximate=approximate) * x[..., d:], out)
 
 
 def _normalize(s: torch.Tensor, weight: torch.Tensor | None, epsilon: float,
