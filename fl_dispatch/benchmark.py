@@ -478,7 +478,7 @@ def write_config(result: BenchResult, registry: Registry, path: str | Path,
     replaces the whole policy, so they would otherwise be lost). Returns the op orders."""
     import yaml
 
-    from .config import platform_file, resolve_policy, validate_against_registry
+    from .config import platform_file, resolve_policy
     from .errors import ConfigError
 
     orders = {}
@@ -506,9 +506,7 @@ def write_config(result: BenchResult, registry: Registry, path: str | Path,
     text = "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
     Path(path).write_text(text, encoding="utf-8")
     policy = resolve_policy({"VLLM_FL_CONFIG": str(path)}, detect=lambda: None)
-    problems = validate_against_registry(
-        policy, {op: [i.impl_id for i in impls] for op, impls in registry.impls.items()},
-        registry.vendors())
+    problems = registry.policy_problems(policy)
     if problems:
         raise ConfigError(problems)
     return orders

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Policy, resolve_policy, validate_against_registry
+from .config import Policy, resolve_policy
 from .discovery import PluginSet, load_plugins
 from .errors import ConfigError, Problem
 
@@ -22,10 +22,7 @@ def _load(env: dict[str, str] | None = None) -> tuple[Policy, PluginSet]:
 def _registry_problems(policy: Policy, plugins: PluginSet,
                        with_plugin_errors: bool = True) -> list[Problem]:
     """Names in the policy that the loaded backends do not define (and plugin load errors)."""
-    reg = plugins.registry
-    problems = validate_against_registry(
-        policy, {op: [i.impl_id for i in impls] for op, impls in reg.impls.items()},
-        reg.vendors())
+    problems = plugins.registry.policy_problems(policy)
     for record in plugins.errors if with_plugin_errors else ():
         problems.append(Problem(record.source, f"plugin {record.name!r} failed to load: "
                                                f"{record.error}"))

@@ -23,7 +23,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .config import Policy, resolve_policy, validate_against_registry
+from .config import Policy, resolve_policy
 from .discovery import PluginSet, load_plugins
 from .errors import ConfigError, NoImplementationError, PluginLoadError, suggestion
 from .impl import Impl
@@ -126,9 +126,7 @@ class Dispatcher:
         self.policy = policy
         self.plugins = plugins
         self.registry = plugins.registry
-        problems = validate_against_registry(
-            policy, {op: [i.impl_id for i in impls] for op, impls in self.registry.impls.items()},
-            self.registry.vendors())
+        problems = self.registry.policy_problems(policy)
         if problems:
             raise ConfigError(problems)
         for warning in policy.warnings:

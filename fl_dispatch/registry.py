@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from .errors import RegistrationError, suggestion
+from .config import Policy, validate_against_registry
+from .errors import Problem, RegistrationError, suggestion
 from .impl import DEFAULT_PRIORITY, IMPL_ID_PATTERN, KINDS, VENDOR_PATTERN, Check, Impl
 from .opspec import OpSpec
 
@@ -49,6 +50,11 @@ class Registry:
     def vendors(self) -> set[str]:
         """Vendor names of every registered vendor impl, available or not."""
         return {i.vendor for i in self.all_impls() if i.vendor is not None}
+
+    def policy_problems(self, policy: Policy) -> list[Problem]:
+        """Names in ``policy`` (ops, vendors, impl ids, layers) that nothing here defines."""
+        impl_ids = {op: [i.impl_id for i in impls] for op, impls in self.impls.items()}
+        return validate_against_registry(policy, impl_ids, self.vendors())
 
 
 class Registrar:
