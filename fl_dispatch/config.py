@@ -307,6 +307,16 @@ def _env_bool(env: Mapping[str, str], var: str, default: bool, out: _Collector) 
     return Setting(default, "default")
 
 
+def env_flag(var: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """One boolean variable, parsed as every fl-dispatch boolean is (empty: ``default``);
+    a value that is not a boolean raises ConfigError naming the variable."""
+    out = _Collector()
+    value = _env_bool(os.environ if env is None else env, var, default, out).value
+    if out.problems:
+        raise ConfigError(out.problems)
+    return value
+
+
 # --------------------------------------------------------------------------- platform
 def platform_file(platform: str) -> Path:
     """The platform YAML shipped with the package (``config/<platform>.yaml``)."""

@@ -17,22 +17,11 @@ import os
 import re
 from typing import Any
 
+from .config import env_flag
 from .log import get_logger
 
 log = get_logger()
 _state: dict[str, Any] = {}
-
-
-def _enabled() -> bool:
-    raw = os.environ.get("VLLM_FL_PREFER_ENABLED", "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    from .errors import ConfigError, Problem
-
-    raise ConfigError([Problem("env:VLLM_FL_PREFER_ENABLED",
-                               f"{raw!r} is not a boolean; use true or false")])
 
 
 def process_rank() -> str | None:
@@ -129,7 +118,7 @@ def apply_attention_backend(config: Any) -> str | None:
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point."""
-    if _state.get("registered") or not _enabled():
+    if _state.get("registered") or not env_flag("VLLM_FL_PREFER_ENABLED", True):
         return
     from .dispatch import add_creation_hook, get_dispatcher
 

@@ -228,3 +228,13 @@ def test_compiled_graph_traces_plain_pytorch_and_keeps_kernels_opaque():
                     VLLM_FL_PER_OP="rms_norm=vendor:perturb|reference")
     assert kernel["opaque"] == ["fl_dispatch.rms_norm"] and not kernel["traced"]
     assert len({traced["fp"], counted["fp"], kernel["fp"]}) == 3  # three compile cache keys
+
+
+def test_bad_global_switch_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
+    env["VLLM_FL_PREFER_ENABLED"] = "maybe"
+    proc = subprocess.run([sys.executable, "-c", "from fl_dispatch import vllm_plugin; "
+                           "vllm_plugin.register()"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "env:VLLM_FL_PREFER_ENABLED: 'maybe' is not a boolean" in proc.stderr
