@@ -14,7 +14,7 @@ from .registry import Registry
 
 
 @dataclass(frozen=True)
-class Candidate:
+class RankedImpl:
     """An impl and, when it cannot be used, why not (None: usable)."""
 
     impl: Impl
@@ -40,7 +40,7 @@ class OpSelection:
     """The ordered candidates of one op; ``usable`` is the fallback chain, first is chosen."""
 
     op: str
-    candidates: tuple[Candidate, ...]
+    candidates: tuple[RankedImpl, ...]
     order_source: str
 
     @property
@@ -125,7 +125,7 @@ def select_op(op: str, policy: Policy, registry: Registry,
             reason = f"unavailable: {unavailable}"
         if reason is None and impl.impl_id in demoted:
             reason = "demoted: it failed earlier in this process"
-        candidates.append(Candidate(impl, unavailable is None, reason))
+        candidates.append(RankedImpl(impl, unavailable is None, reason))
     # usable impls first (in order), then the rest, so the list reads in trial order
     candidates.sort(key=lambda c: c.excluded is not None)
     return OpSelection(op, tuple(candidates), source)
