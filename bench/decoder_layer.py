@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
-import fl_dispatch_reference.ops as ref  # noqa: E402
+import fl_dispatch.core.ops as ref  # noqa: E402
 from fl_dispatch_flagos import ops as flagos  # noqa: E402
 
 HIDDEN, INTER, HQ, HK, HEAD = 4096, 14336, 32, 8, 128

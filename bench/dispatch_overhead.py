@@ -61,8 +61,8 @@ def spare(x, weight, epsilon, residual=None):
 
 
 try:  # call-site guards: ``f = fast.<op>; try: f(...) except Exception: recover(...)``
-    from fl_dispatch.dispatch import fast as _fast_ns
-    from fl_dispatch.dispatch import recover as _recover
+    from fl_dispatch.core.dispatch import fast as _fast_ns
+    from fl_dispatch.core.dispatch import recover as _recover
 
     CALL_SITE: tuple[object, object] | None = (_fast_ns, _recover)
 except ImportError:  # a dispatcher without them
@@ -127,7 +127,7 @@ def median_diff(a: list[float], b: list[float]) -> float:
 def recompute_dispatcher(cache_checks: bool) -> Callable[..., object]:
     """A dispatcher that selects on every call (what the old FL dispatch did); with
     ``cache_checks`` the capability checks run once and only the ordering is recomputed."""
-    from fl_dispatch.selection import select_op
+    from fl_dispatch.core.selection import select_op
 
     dispatcher = fl_dispatch.get_dispatcher()
     policy, registry = dispatcher.policy, dispatcher.registry

@@ -3,7 +3,7 @@
 1. Throughput: the tiny demo model (CPU build of vLLM here), greedy, a batch of prompts, timed
    ``--repeats`` times warm in one engine with the plugin on (reference backend) and in one
    with it off; the two engines alternate ``--rounds`` times. Target: the plugin costs <= 2%.
-2. Start-up: the time ``fl_dispatch.vllm_plugin.register()`` takes in a fresh process, after
+2. Start-up: the time ``fl_dispatch.vllm_glue.plugin.register()`` takes in a fresh process, after
    the vLLM imports vLLM's own start-up does anyway (layers, config). Target: <= 50 ms.
 
     .venv/bin/python bench/vllm_e2e.py [--rounds 2] [--repeats 5] [--eager]
@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fl_dispatch.demo import run_generation
-from fl_dispatch.demo_model import build_model
+from fl_dispatch.tools.demo import run_generation
+from fl_dispatch.tools.demo_model import build_model
 
 STARTUP_PROBE = """
 import time, json
@@ -29,7 +29,7 @@ t0 = time.perf_counter()
 import vllm.model_executor.layers.activation, vllm.model_executor.layers.layernorm
 import vllm.model_executor.layers.rotary_embedding, vllm.config, vllm.engine.arg_utils, vllm.ir
 t1 = time.perf_counter()
-from fl_dispatch import vllm_plugin
+from fl_dispatch.vllm_glue import plugin as vllm_plugin
 vllm_plugin.register()
 t2 = time.perf_counter()
 print("PROBE " + json.dumps({"vllm_imports_s": t1 - t0, "register_s": t2 - t1}))

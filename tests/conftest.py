@@ -40,8 +40,8 @@ class _ListHandler(logging.Handler):
 
 @pytest.fixture
 def fl_log():
-    """Records of the ``fl_dispatch`` logger (it does not propagate, so caplog misses it)."""
-    from fl_dispatch.log import get_logger
+    """Records of the ``fl_dispatch`` logger alone, at DEBUG (caplog sees them too: it propagates)."""
+    from fl_dispatch.core.log import get_logger
 
     logger = get_logger()
     handler = _ListHandler()

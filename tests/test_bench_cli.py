@@ -96,8 +96,8 @@ def test_png_is_written(run: dict[str, Any]) -> None:
 
 
 def test_written_config_is_a_valid_policy_led_by_the_fastest(run: dict[str, Any]) -> None:
-    from fl_dispatch.cli import main
-    from fl_dispatch.config import resolve_policy
+    from fl_dispatch.tools.cli import main
+    from fl_dispatch.core.config import resolve_policy
 
     text = run["yaml"].read_text(encoding="utf-8")
     assert text.startswith("# fl-dispatch policy") and "# device:" in text and "date" in text
@@ -112,8 +112,8 @@ def test_written_config_is_a_valid_policy_led_by_the_fastest(run: dict[str, Any]
 
 
 def test_op_order_puts_the_reference_last() -> None:
-    from fl_dispatch.benchmark import op_order
-    from fl_dispatch.impl import Impl
+    from fl_dispatch.tools.bench_report import op_order
+    from fl_dispatch.core.impl import Impl
 
     def impl(impl_id: str, kind: str) -> Impl:
         return Impl("rms_norm", impl_id, len, kind, "x" if kind == "vendor" else None, 1,
@@ -135,7 +135,7 @@ def test_op_order_puts_the_reference_last() -> None:
 ])
 def test_bad_arguments_exit_2_naming_the_value(args: list[str], message: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from fl_dispatch.cli import main
+    from fl_dispatch.tools.cli import main
 
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
@@ -145,8 +145,11 @@ def test_benchmark_inputs_stay_finite_when_replayed() -> None:
     """Timing replays one in-place call thousands of times on the same buffers."""
     import torch
 
-    from fl_dispatch.opinputs import Dims, bench_cases
-    from fl_dispatch_reference import ops
+    from fl_dispatch.core import ops
+    from fl_dispatch.testing.inputs import Dims
+
+    def bench_cases(op, tokens, dims, dtype):
+        return getattr(ops, op).bench_cases(tokens, dims, dtype)
 
     dims = Dims(hidden=64, intermediate=96, heads=2, kv_heads=1, head_size=32)
     rope = bench_cases("rotary_embedding", 4, dims, "bf16")[0]

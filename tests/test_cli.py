@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_dispatch.config import platform_file
-from fl_dispatch.opspec import BUILTIN_OPS
+from fl_dispatch.core.config import platform_file
+from fl_dispatch.core.ops import BUILTIN_OPS
 
 from conftest import PLUGINS_DIR
 

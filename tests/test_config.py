@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_dispatch import config
-from fl_dispatch.config import (
+from fl_dispatch.core import config
+from fl_dispatch.core.config import (
     POLICY_ENV,
     YAML_KEYS,
     Policy,
@@ -21,9 +21,9 @@ from fl_dispatch.config import (
     resolve_policy,
     validate_against_registry,
 )
-from fl_dispatch.dispatch import Dispatcher
-from fl_dispatch.discovery import load_plugins
-from fl_dispatch.errors import ConfigError, PluginLoadError
+from fl_dispatch.core.dispatch import Dispatcher
+from fl_dispatch.core.discovery import load_plugins
+from fl_dispatch.core.errors import ConfigError, PluginLoadError
 
 CUDA_YAML = platform_file("cuda")
 ASCEND_YAML = platform_file("ascend")

@@ -9,8 +9,8 @@ import pytest
 
 import fl_dispatch
 from fl_dispatch import BackendInfo, hookimpl
-from fl_dispatch.config import resolve_policy
-from fl_dispatch.discovery import (
+from fl_dispatch.core.config import resolve_policy
+from fl_dispatch.core.discovery import (
     ENTRY_POINT_GROUP,
     Candidate,
     PluginSet,
@@ -18,8 +18,9 @@ from fl_dispatch.discovery import (
     load_plugins,
     module_candidates,
 )
-from fl_dispatch.dispatch import Dispatcher
-from fl_dispatch.opspec import BUILTIN_OPS, OpSpec
+from fl_dispatch.core.dispatch import Dispatcher
+from fl_dispatch.core.ops import BUILTIN_OPS
+from fl_dispatch.core.opspec import OpSpec
 
 BUILTIN_BACKENDS = {"reference", "flagos", "cuda", "ascend"}
 
@@ -275,7 +276,7 @@ def test_broken_plugin_is_skipped_unless_strict(test_plugins, fl_log):
     assert "module fl_test_hook_raises (VLLM_FL_PLUGIN_MODULES)" in warning
     assert "RuntimeError: hook exploded on purpose" in warning
 
-    from fl_dispatch.errors import PluginLoadError
+    from fl_dispatch.core.errors import PluginLoadError
 
     with pytest.raises(PluginLoadError) as info:
         Dispatcher(policy(VLLM_FL_STRICT="1"), modules("fl_test_hook_raises"))

@@ -18,13 +18,13 @@ from collections.abc import Callable
 import pytest
 
 import fl_dispatch
-from fl_dispatch import dispatch as dispatch_mod
+from fl_dispatch.core import dispatch as dispatch_mod
 from fl_dispatch import hookimpl
-from fl_dispatch.config import resolve_policy
-from fl_dispatch.discovery import Candidate, PluginSet
-from fl_dispatch.dispatch import Dispatcher
-from fl_dispatch.errors import NoImplementationError
-from fl_dispatch.opspec import BUILTIN_OPS
+from fl_dispatch.core.config import resolve_policy
+from fl_dispatch.core.discovery import Candidate, PluginSet
+from fl_dispatch.core.dispatch import Dispatcher
+from fl_dispatch.core.errors import NoImplementationError
+from fl_dispatch.core.ops import BUILTIN_OPS
 
 
 # --------------------------------------------------------------------------- helpers
@@ -220,7 +220,7 @@ def test_flagos_whitelist():
 
 
 def test_flagos_whitelist_beats_the_platform_blacklist(monkeypatch, tmp_path):
-    from fl_dispatch import config
+    from fl_dispatch.core import config
 
     plat = tmp_path / "plat.yaml"
     plat.write_text("flagos_blacklist: [rms_norm]\n")
@@ -255,8 +255,23 @@ def test_capability_checks_run_once():
         d.entry("rms_norm")
         d.selection("rms_norm")
     # the check is per impl object; the cache is keyed by impl_id (one run per id)
+    assert len(runs) == 1  # checks are pure: one run per (op, impl) and process
     d.entry("silu_and_mul")
-    assert len(runs) == 1
+    assert len(runs) == 2  # the same impl id of another op is checked on its own
+
+
+def test_capability_of_one_op_does_not_decide_for_another_op_with_the_same_impl_id():
+    """Regression: the cache was keyed by impl_id alone, so the first op checked decided for
+    every op (``explain --op attention_backend`` and ``explain`` disagreed under
+    TRITON_INTERPRET=1: flagos' attention choice needs a GPU, its kernels only Triton)."""
+    regs = [rms(Kernel("a").fn, "vendor.acme", "vendor", check=lambda: None),
+            ("silu_and_mul", silu("a"), dict(impl_id="vendor.acme", kind="vendor",
+                                              vendor="acme", check=lambda: "needs a GPU"))]
+    d = Dispatcher(policy(), plugins(*regs))
+    assert d.selection("rms_norm").chosen.impl_id == "vendor.acme"
+    acme = next(c for c in d.selection("silu_and_mul").candidates
+                if c.impl.impl_id == "vendor.acme")
+    assert not acme.available and "needs a GPU" in acme.excluded
 
 
 # --------------------------------------------------------------------------- frozen entries
@@ -286,7 +301,7 @@ def test_fallback_entry_has_the_ops_signature():
     entry = d.entry("rms_norm")
     spec = {op.name: op for op in BUILTIN_OPS}["rms_norm"]
     assert entry.__name__ == "rms_norm"
-    assert entry.__doc__ == spec.stub.__doc__
+    assert entry.__doc__ == spec.doc
     got = [(p.name, p.kind, p.default) for p in inspect.signature(entry).parameters.values()]
     want = [(p.name, p.kind, p.default) for p in spec.signature.parameters.values()]
     assert got == want

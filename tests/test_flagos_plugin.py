@@ -5,7 +5,7 @@ from __future__ import annotations
 import fl_dispatch_flagos as flagos
 import pytest
 
-from fl_dispatch.config import resolve_policy
+from fl_dispatch.core.config import resolve_policy
 
 
 def test_process_init_reports_why_flaggems_is_not_enabled_here():

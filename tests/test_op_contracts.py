@@ -1,4 +1,4 @@
-"""Contract helpers shared by every backend (fl_dispatch.opspec)."""
+"""Contract helpers shared by every backend (fl_dispatch.core.opspec)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import fl_dispatch_cuda.ops as cuda_ops
 import fl_dispatch_flagos.flaggems as flaggems
 import fl_dispatch_flagos.ops as flagos_ops
-import fl_dispatch_reference.ops as reference
-from fl_dispatch.opspec import write_out
+import fl_dispatch.core.ops as reference
+from fl_dispatch.core.opspec import write_out
 
 
 @pytest.mark.parametrize("impl", [reference.gelu_and_mul, flagos_ops.gelu_and_mul,

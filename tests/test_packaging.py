@@ -92,7 +92,7 @@ def test_backend_entry_points_and_console_script(wheel):
     backends = dict(eps["fl_dispatch.backends"])
     assert backends == {b: f"fl_dispatch_{b}" for b in BACKENDS}
     assert {"reference", "flagos", "cuda", "ascend"} <= set(backends)
-    assert dict(eps["console_scripts"]) == {"fl-dispatch": "fl_dispatch.cli:main"}
+    assert dict(eps["console_scripts"]) == {"fl-dispatch": "fl_dispatch.tools.cli:main"}
 
 
 def test_every_entry_point_declared_in_pyproject_is_in_the_wheel(wheel):

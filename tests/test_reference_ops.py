@@ -25,7 +25,7 @@ from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
 import fl_dispatch
-from fl_dispatch_reference import ops as ref
+from fl_dispatch.core import ops as ref
 
 VLLM_RMS_NORM = _ir_rms_norm.impls["native"].impl_fn
 VLLM_FUSED_ADD_RMS_NORM = _ir_fused_add_rms_norm.impls["native"].impl_fn
@@ -106,7 +106,7 @@ def test_gelu_and_mul_rejects_an_unknown_approximation():
 def test_activation_out_parameter(dtype, op):
     x = randn(6, 64, dtype=dtype)
     if op == "silu":
-        fn, expected = ref.silu_and_mul, SiluAndMul.forward_native(x)
+        fn, expected = ref.silu_and_mul.fn, SiluAndMul.forward_native(x)
     else:
         fn, expected = (lambda x, out: ref.gelu_and_mul(x, "tanh", out=out)), gelu_native(
             x, "tanh")
@@ -277,8 +277,8 @@ def test_reference_through_the_dispatcher(monkeypatch):
     monkeypatch.setenv("VLLM_FL_PER_OP", "rms_norm=reference;silu_and_mul=impl:reference.torch")
     fl_dispatch.reset()
     try:
-        assert fl_dispatch.ops.rms_norm is ref.rms_norm  # single usable impl: the function
-        assert fl_dispatch.ops.silu_and_mul is ref.silu_and_mul
+        assert fl_dispatch.ops.rms_norm is ref.rms_norm.fn  # single usable impl: the function
+        assert fl_dispatch.ops.silu_and_mul is ref.silu_and_mul.fn
         x, residual, weight = randn(4, 64, dtype=torch.bfloat16), randn(
             4, 64, dtype=torch.bfloat16), randn(64, dtype=torch.bfloat16)
         want = VLLM_FUSED_ADD_RMS_NORM(x.clone(), residual.clone(), weight, EPS)

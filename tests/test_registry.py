@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fl_dispatch.errors import RegistrationError
-from fl_dispatch.impl import DEFAULT_PRIORITY, Impl
-from fl_dispatch.opspec import BUILTIN_OPS, OpSpec
-from fl_dispatch.registry import Registrar, Registry
+from fl_dispatch.core.errors import RegistrationError
+from fl_dispatch.core.impl import DEFAULT_PRIORITY, Impl
+from fl_dispatch.core.ops import BUILTIN_OPS
+from fl_dispatch.core.opspec import OpSpec
+from fl_dispatch.core.registry import Registrar, Registry
 
 
 def rms_norm(x, weight, epsilon, residual=None):

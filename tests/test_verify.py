@@ -61,7 +61,9 @@ def test_reference_passes_every_case() -> None:
     for feature in ("x:strided", "out:strided", "residual", "weight=None", "strided",
                     "key=None", "gptj", "neox", "rot=32", "cache:same", "cache:fp32", "3d"):
         assert feature in cases, feature
-    assert data["tolerances"]["bf16"] == {"atol": 2e-2, "rtol": 2e-2}
+    assert data["tolerances"]["bf16"] == {
+        "atol": 1e-2, "rtol": 1.6e-2,
+        "reason": "bf16: up to four ulps (2^-8) of rounded intermediates"}
 
 
 def test_flagos_passes_under_the_triton_interpreter() -> None:
@@ -86,10 +88,12 @@ def test_broken_backend_fails_with_exit_1(broken: tuple[int, dict[str, Any]]) ->
 def test_off_by_a_little_is_caught_at_fp32_tolerance(broken: tuple[int, dict[str, Any]]) -> None:
     rows = rows_of(broken[1], OFFBY)
     assert {r["op"] for r in rows} == {"silu_and_mul", "rms_norm"}
-    for r in rows:  # 2e-3 is beyond fp32's tolerance and within bf16's
-        assert r["status"] == ("FAIL" if r["dtype"] == "fp32" else "PASS"), r
+    for r in rows:  # 2e-3 is beyond fp32's and fp16's tolerance (4 ulps at 1.0) and within
+        assert r["status"] == ("PASS" if r["dtype"] == "bf16" else "FAIL"), r  # bf16's
         if r["status"] == "FAIL":
-            assert "elements off" in r["note"] and abs(r["max_err"] - 2e-3) < 1e-3
+            assert "elements off" in r["note"]
+        if r["dtype"] == "fp32":
+            assert abs(r["max_err"] - 2e-3) < 1e-3
 
 
 def test_contiguous_copy_breaks_in_place_on_strided_views(
@@ -120,7 +124,7 @@ def test_op_without_input_generator_is_listed_not_failed(
     data = broken[1]
     rows = [r for r in data["results"] if r["op"] == "broken_double"]
     assert [r["status"] for r in rows] == ["NO-GEN"]
-    assert "no input generator" in rows[0]["note"]
+    assert "declares no input cases" in rows[0]["note"]
     assert data["summary"]["no_input_generator"] == 1
 
 
@@ -129,7 +133,7 @@ def test_table_output_shows_tolerances_and_fail_rows() -> None:
                    "--quick", PYTHONPATH=str(PLUGINS), VLLM_FL_PLUGIN_MODULES="broken_backend")
     assert proc.returncode == 1, proc.stderr
     out = proc.stdout
-    assert "fp32  atol=0.0001  rtol=0.0001" in out and "bf16  atol=0.02  rtol=0.02" in out
+    assert "fp32  atol=1e-05  rtol=1e-05" in out and "bf16  atol=0.01  rtol=0.016" in out
     header = next(line for line in out.splitlines() if line.startswith("op "))
     for column in ("impl", "case", "dtype", "max abs err", "tolerance", "status"):
         assert column in header
@@ -145,7 +149,7 @@ def test_table_output_shows_tolerances_and_fail_rows() -> None:
 ])
 def test_bad_arguments_exit_2_naming_the_value(args: list[str], message: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from fl_dispatch.cli import main
+    from fl_dispatch.tools.cli import main
 
     assert main(["verify", *args]) == 2
     assert message in capsys.readouterr().err
@@ -155,7 +159,7 @@ def test_bad_arguments_exit_2_naming_the_value(args: list[str], message: str,
 def test_replicate_keeps_views_views_and_shared_buffers_shared() -> None:
     import torch
 
-    from fl_dispatch.opinputs import buffers, replicate, rope_case
+    from fl_dispatch.testing.inputs import buffers, replicate, rope_case
 
     case = rope_case(3, 2, 1, 64, 32, "fp32", is_neox=True)
     original = case.build(torch.device("cpu"))

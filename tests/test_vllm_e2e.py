@@ -1,6 +1,6 @@
 """End to end: vLLM (CPU build) generating with a tiny local model through fl-dispatch.
 
-Each generation runs in a fresh process (``fl_dispatch.demo_run``), with the engine core and
+Each generation runs in a fresh process (``fl_dispatch.tools.demo_run``), with the engine core and
 the worker in further processes of their own, as vLLM starts them. Runs are cached per module
 so that each configuration starts vLLM once.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_dispatch.demo import run_generation
-from fl_dispatch.demo_model import BASE_CONFIG, build_model
+from fl_dispatch.tools.demo import run_generation
+from fl_dispatch.tools.demo_model import BASE_CONFIG, build_model
 
 LAYERS = BASE_CONFIG["num_hidden_layers"]
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 256, 99], [300, 301, 302]]

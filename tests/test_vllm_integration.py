@@ -35,7 +35,7 @@ def run(code: str, **env_extra: str) -> tuple[dict, str]:
 
 def test_layers_are_replaced_and_match_vllm_native_eager_and_compiled():
     result, log = run("""
-    from fl_dispatch import vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     vllm_plugin.register()
     vllm_plugin.register()  # idempotent
     from vllm.model_executor.layers.layernorm import RMSNorm
@@ -96,7 +96,7 @@ def test_layers_are_replaced_and_match_vllm_native_eager_and_compiled():
 
 def test_oot_lists_decide_which_layers_are_replaced():
     code = """
-    from fl_dispatch import vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     vllm_plugin.register()
     from vllm.model_executor.custom_op import op_registry_oot
     emit(replaced=sorted(k for k, v in op_registry_oot.items() if hasattr(v, "_fl_dispatch_layer")))
@@ -116,7 +116,7 @@ def test_collision_with_another_plugins_layer_is_reported():
     @SiluAndMul.register_oot
     class VendorSilu(SiluAndMul):
         pass
-    from fl_dispatch import vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     try:
         vllm_plugin.register()
         emit(raised=None)
@@ -132,7 +132,8 @@ def test_collision_with_another_plugins_layer_is_reported():
 
 def test_disabled_plugin_does_nothing():
     result, log = run("""
-    from fl_dispatch import vllm_plugin, dispatch
+    from fl_dispatch.core import dispatch
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     vllm_plugin.register()
     from vllm.model_executor.custom_op import op_registry_oot
     emit(oot=sorted(op_registry_oot), dispatcher=dispatch.current_dispatcher() is not None,
@@ -144,7 +145,7 @@ def test_disabled_plugin_does_nothing():
 
 def test_compile_cache_key_changes_with_the_selection():
     code = """
-    from fl_dispatch import vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     from vllm.config import VllmConfig
     stock = VllmConfig.compute_hash(VllmConfig())
     vllm_plugin.register()
@@ -161,7 +162,8 @@ def test_compile_cache_key_changes_with_the_selection():
 
 def test_ir_provider_serves_vllm_ir_rms_norm():
     result, _ = run("""
-    from fl_dispatch import vllm_plugin, get_dispatcher
+    from fl_dispatch import get_dispatcher
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     vllm_plugin.register()
     from vllm import ir
     x, w, r = torch.randn(3, 32), torch.randn(32), torch.randn(3, 32)
@@ -182,7 +184,7 @@ def test_ir_provider_serves_vllm_ir_rms_norm():
 
 def test_attention_backend_choice_and_user_override():
     code = """
-    from fl_dispatch import vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     vllm_plugin.register()
     from types import SimpleNamespace
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -209,7 +211,7 @@ def test_compiled_graph_traces_plain_pytorch_and_keeps_kernels_opaque():
     native code). Any other impl stays one opaque op; asking for call counts also keeps the
     reference opaque so that every call is counted."""
     code = """
-    from fl_dispatch import vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
     vllm_plugin.register()
     from vllm.model_executor.layers.layernorm import RMSNorm
     with set_current_vllm_config(VllmConfig()):
@@ -233,7 +235,7 @@ def test_compiled_graph_traces_plain_pytorch_and_keeps_kernels_opaque():
 def test_bad_global_switch_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
     env["VLLM_FL_PREFER_ENABLED"] = "maybe"
-    proc = subprocess.run([sys.executable, "-c", "from fl_dispatch import vllm_plugin; "
+    proc = subprocess.run([sys.executable, "-c", "from fl_dispatch.vllm_glue import plugin as vllm_plugin; "
                            "vllm_plugin.register()"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0

@@ -1,13 +1,15 @@
 """Adapters from the ops' contracts to torch_npu kernels (imported on first call).
 
-Not run in this project's CI (no NPU); ``fl-dispatch verify`` checks them on an Ascend host.
+Never run on an NPU in this project's CI; ``tests/test_ascend_double.py`` runs them on CPU
+against a behavioural double of the torch_npu calls (written from torch_npu's documentation),
+and ``fl-dispatch verify`` checks them on an Ascend host.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fl_dispatch.opspec import write_out
+from fl_dispatch import ImplTable, copy_back, reference, weight_or_ones, write_out
 
 
 def _npu():
@@ -16,10 +18,28 @@ def _npu():
     return torch_npu
 
 
+def unavailable_reason() -> str | None:
+    """None when torch_npu imports and an NPU is present, else why not."""
+    try:
+        _npu()
+    except Exception as exc:
+        return f"torch_npu is not importable ({type(exc).__name__}: {exc})"
+    if not torch.npu.is_available():  # type: ignore[attr-defined]
+        return "no Ascend NPU (torch.npu.is_available() is False)"
+    return None
+
+
+impls = ImplTable(impl_id="vendor.ascend", kind="vendor", vendor="ascend",
+                  check=unavailable_reason)
+"""torch_npu's fused kernels, one impl per op (each decorated below)."""
+
+
+@impls.impl()
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return write_out(_npu().npu_swiglu(x.contiguous(), dim=-1), out)
 
 
+@impls.impl()
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -27,16 +47,16 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     npu = _npu()
-    w = weight if weight is not None else torch.ones(x.shape[-1], dtype=x.dtype,
-                                                    device=x.device)
+    w = weight_or_ones(weight, x)
     if residual is None:
         return npu.npu_rms_norm(x, w, epsilon)[0]
     y, _, s = npu.npu_add_rms_norm(x, residual, w, epsilon)
-    residual.copy_(s)
-    x.copy_(y)
+    copy_back(residual, s)
+    copy_back(x, y)
     return x, residual
 
 
+@impls.impl()
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -45,8 +65,10 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
 ) -> None:
-    if key is None:
-        raise NotImplementedError("torch_npu rotary embedding needs a key tensor")
+    if key is None:  # torch_npu's kernel needs a key: delegate, never raise (a raise demotes)
+        return reference("rotary_embedding")(positions, query, key, head_size, cos_sin_cache,
+                                             is_neox)
     if cos_sin_cache.dtype != query.dtype:
         cos_sin_cache = cos_sin_cache.to(query.dtype)
     _npu()._npu_rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    return None

@@ -3,24 +3,18 @@ contracts (out parameters, in-place updates on strided views, ``weight=None``)."
 
 from __future__ import annotations
 
-from fl_dispatch import BackendInfo, hookimpl
+from fl_dispatch import BackendInfo, Registrar, hookimpl
 
 VENDOR = "cuda"
-IMPL_ID = "vendor.cuda"
-OPS = ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding")
 
 
 def unavailable_reason() -> str | None:
     """None when a CUDA device and vLLM's compiled ops are present, else why not."""
     try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    from .ops import load_vllm_ops
-
-    return load_vllm_ops()
+        from .ops import unavailable_reason as reason
+    except ImportError as exc:  # torch missing
+        return f"cannot import the adapters ({exc})"
+    return reason()
 
 
 @hookimpl
@@ -29,9 +23,7 @@ def fl_dispatch_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def fl_dispatch_register_impls(registrar) -> None:
-    from . import ops
+def fl_dispatch_register_impls(registrar: Registrar) -> None:
+    from .ops import impls
 
-    for name in OPS:
-        registrar.register(name, getattr(ops, name), impl_id=IMPL_ID, kind="vendor",
-                           vendor=VENDOR, check=unavailable_reason)
+    impls.register_all(registrar)

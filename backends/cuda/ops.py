@@ -11,10 +11,22 @@ import os
 
 import torch
 
-from fl_dispatch.opspec import bad_approximate
+from fl_dispatch import ImplTable, bad_approximate, copy_back, weight_or_ones
 
 LIBRARY_ENV = "FL_DISPATCH_VLLM_C"
 """Path of a vLLM ``_C`` library to load when ``vllm._C`` is not importable (benchmarks)."""
+
+
+def unavailable_reason() -> str | None:
+    """None when a CUDA device and vLLM's compiled ops are present, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return load_vllm_ops()
+
+
+impls = ImplTable(impl_id="vendor.cuda", kind="vendor", vendor="cuda",
+                  check=unavailable_reason)
+"""vLLM's CUDA ops, one impl per op (each decorated below)."""
 
 
 def load_vllm_ops() -> str | None:
@@ -54,10 +66,12 @@ def _act(kernel: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor
     return result
 
 
+@impls.impl()
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return _act("silu_and_mul", x, out)
 
 
+@impls.impl()
 def gelu_and_mul(
     x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -67,19 +81,14 @@ def gelu_and_mul(
     return _act(kernels[approximate], x, out)
 
 
-def _weight(weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    if weight is not None:
-        return weight
-    return torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-
-
+@impls.impl()
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     epsilon: float,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    w = _weight(weight, x)
+    w = weight_or_ones(weight, x)
     if residual is None:
         src = _rows_contiguous(x)
         out = torch.empty_like(src)
@@ -87,13 +96,12 @@ def rms_norm(
         return out
     xs, rs = _rows_contiguous(x), _rows_contiguous(residual)
     torch.ops._C.fused_add_rms_norm(xs, rs, w, epsilon)
-    if xs is not x:
-        x.copy_(xs)
-    if rs is not residual:
-        residual.copy_(rs)
+    copy_back(x, xs)
+    copy_back(residual, rs)
     return x, residual
 
 
+@impls.impl()
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,

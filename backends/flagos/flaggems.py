@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_dispatch.opspec import GELU_APPROXIMATIONS, bad_approximate, write_out
+from fl_dispatch import (
+    GELU_APPROXIMATIONS,
+    ImplTable,
+    bad_approximate,
+    copy_back,
+    weight_or_ones,
+    write_out,
+)
+from fl_dispatch.core.process import process_rank
 
 if TYPE_CHECKING:
     import torch
@@ -88,8 +96,6 @@ def enable_flaggems(policy: Any) -> str:
         flag_gems.enable(unused=blacklist)
         how = f"enable(unused={len(blacklist)} ops)"
     ops = _registered_ops(flag_gems)
-    from fl_dispatch.vllm_plugin import process_rank
-
     path = oplist_path(policy.flaggems_oplist_path.value, process_rank())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,14 +110,20 @@ def enable_flaggems(policy: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- impls
+impls = ImplTable(impl_id=IMPL_ID, kind="flagos", priority=PRIORITY,
+                  check=lambda: flaggems_unavailable_reason())
+"""FlagGems' kernels adapted to the ops' contracts (each decorated below)."""
+
 # FlagGems' fused kernels, adapted to the ops' contracts (its fused add + norm works on
 # contiguous copies, so the results are written back into the caller's views).
 
+@impls.impl()
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = x.shape[-1] // 2
     return write_out(_flag_gems().silu_and_mul(x[..., :d], x[..., d:]), out)
 
 
+@impls.impl()
 def gelu_and_mul(
     x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -121,27 +133,29 @@ def gelu_and_mul(
     return write_out(_flag_gems().gelu_and_mul(x[..., :d], x[..., d:], approximate), out)
 
 
+@impls.impl()
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     epsilon: float,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
     flag_gems = _flag_gems()
     n = x.shape[-1]
-    w = weight if weight is not None else torch.ones(n, dtype=x.dtype, device=x.device)
+    w = weight_or_ones(weight, x)
     if residual is None:
         return flag_gems.rms_norm(x, [n], w, epsilon)
     xs, rs = flag_gems.fused_add_rms_norm(x, residual, [n], w, epsilon)
-    if xs.data_ptr() != x.data_ptr() or xs.stride() != x.stride():
-        x.copy_(xs)
-    if rs.data_ptr() != residual.data_ptr() or rs.stride() != residual.stride():
-        residual.copy_(rs)
+    copy_back(x, xs)
+    copy_back(residual, rs)
     return x, residual
 
 
-OPS = ("silu_and_mul", "gelu_and_mul", "rms_norm")
-"""Ops with a FlagGems impl (its rotary kernel takes separate cos/sin tensors and rotates
-whole heads: not registered)."""
+GAPS = {
+    "rotary_embedding": "default.flagos.flaggems does not serve it: FlagGems' rotary (flag_gems.fused.rotary_embedding) takes separate "
+                        "cos/sin tensors gathered per token and rotates whole heads: serving "
+                        "vLLM's cache + positions contract needs a gather and a copy per call, "
+                        "slower than our kernel",
+}
+"""Built-in ops FlagGems has a kernel for but this backend does not serve, and why (shown by
+``fl-dispatch plugins``)."""

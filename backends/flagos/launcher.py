@@ -136,27 +136,32 @@ class TritonKernel:
 
     def launch(self, key: tuple, grid: tuple[int, int, int], device: int,
                tensors: Sequence[Any], ptrs: Sequence[int], rest: Sequence[Any],
-               num_warps: int) -> None:
+               num_warps: int, num_stages: int | None = None) -> None:
         """Launch on ``grid``. The kernel's parameters are ``tensors`` (its pointer parameters,
         first) then ``rest`` (scalars and constexprs, in order); ``ptrs`` are the tensors'
         ``data_ptr()``. The fast path passes those integers: Triton's launcher then neither
         calls ``data_ptr`` nor checks each address with the driver (``cuPointerGetAttribute``).
-        ``device`` is the CUDA index of the tensors (the current device)."""
+        ``device`` is the CUDA index of the tensors (the current device). ``num_stages``
+        (software pipelining of the kernel's loops; None: Triton's default) must be part of
+        ``key`` when it varies."""
         fast = self._fast.get(key)
         if fast is not None:
             run, stream, head = fast
             run(grid[0], grid[1], grid[2], stream(device), *head, *ptrs, *rest)
             return
-        self._launch_slow(key, grid, (*tensors, *rest), num_warps)
+        self._launch_slow(key, grid, (*tensors, *rest), num_warps, num_stages)
 
     def _launch_slow(self, key: tuple, grid: tuple[int, int, int], args: Sequence[Any],
-                     num_warps: int) -> None:
+                     num_warps: int, num_stages: int | None = None) -> None:
         self.slow_launches += 1
+        options: dict[str, int] = {"num_warps": num_warps}
+        if num_stages is not None:
+            options["num_stages"] = num_stages
         if interpreter_enabled():
             with interpreter_rounds_to_nearest():
-                self.jit()[grid](*args, num_warps=num_warps)
+                self.jit()[grid](*args, **options)
             return
-        compiled = self.jit()[grid](*args, num_warps=num_warps)
+        compiled = self.jit()[grid](*args, **options)
         if key is None or _hooks_active():
             return
         direct = _direct_launcher(compiled)

@@ -14,9 +14,13 @@ from typing import Any
 
 import torch
 
-from fl_dispatch.opspec import bad_approximate
+from fl_dispatch import ImplTable, bad_approximate
 
+from .capability import unavailable_reason
 from .launcher import TritonKernel
+
+impls = ImplTable(impl_id="default.flagos", kind="flagos", check=unavailable_reason)
+"""Our Triton kernels, one impl per op (each decorated where it is defined)."""
 
 _PKG = __package__ or "fl_dispatch_flagos"
 ACT_KERNEL = TritonKernel(f"{_PKG}.kernels_activation", "act_and_mul_kernel")
@@ -156,11 +160,13 @@ def _act_and_mul_any(x: torch.Tensor, out: torch.Tensor | None, act: int,
     return out
 
 
+@impls.impl()
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x[..., :d]) * x[..., d:]; into ``out`` when given (then ``out`` is returned)."""
     return _act_and_mul(x, out, 0)
 
 
+@impls.impl()
 def gelu_and_mul(
     x: torch.Tensor, approximate: str = "none", out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -195,6 +201,7 @@ def _weight(weight: torch.Tensor, n_cols: int) -> torch.Tensor:
     return weight if weight.stride() == (1,) else weight.contiguous()
 
 
+@impls.impl()
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -319,6 +326,7 @@ def _heads(t: torch.Tensor, tokens: int, head_size: int) -> tuple[int, int, int]
     return v.stride(0), v.stride(1), v.shape[1]
 
 
+@impls.impl()
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,

@@ -1,12 +1,12 @@
 """The reference backend: plain PyTorch, always available, the ground truth of every op.
 
-Each function follows vLLM's own native implementation of the op (the layers'
-``forward_native`` and ``vllm.ir``), including the dtype rounding order.
+Its impls are the built-in ops' own definitions (:mod:`fl_dispatch.core.ops`): an op *is* its
+reference function, so there is nothing to restate here.
 """
 
 from __future__ import annotations
 
-from fl_dispatch import BackendInfo, hookimpl
+from fl_dispatch import BackendInfo, Registrar, hookimpl
 
 IMPL_ID = "reference.torch"
 
@@ -17,10 +17,9 @@ def fl_dispatch_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def fl_dispatch_register_impls(registrar) -> None:
-    from . import ops
+def fl_dispatch_register_impls(registrar: Registrar) -> None:
+    from fl_dispatch.core.ops import BUILTIN_OPS
 
-    for name in ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding",
-                 "attention_backend"):
-        registrar.register(name, getattr(ops, name), impl_id=IMPL_ID, kind="reference",
-                           traceable=True)
+    for op in BUILTIN_OPS:
+        registrar.register(op.name, op.fn, impl_id=IMPL_ID, kind="reference",
+                           traceable=op.traceable)

@@ -1,7 +1,7 @@
 """A test backend whose rms_norm visibly perturbs the output (vendor 'perturb')."""
 
 import fl_dispatch
-from fl_dispatch_reference import ops as ref
+from fl_dispatch.core import ops as ref
 
 
 def rms_norm(x, weight, epsilon, residual=None):

@@ -10,7 +10,7 @@ each of its bugs. Each impl id carries one kind of bug:
 from __future__ import annotations
 
 from fl_dispatch import hookimpl
-from fl_dispatch_reference import ops as ref
+from fl_dispatch.core import ops as ref
 
 OFFBY, CONTIGUOUS, IGNOREOUT = (f"vendor.brokenvendor.{bug}"
                                 for bug in ("offby", "contiguous", "ignoreout"))

@@ -1,0 +1,188 @@
+"""Triton kernels: ``moe_align_block_size`` (one-CTA and three-kernel paths) and ``moe_sum``.
+
+Plain functions, decorated by :mod:`.launcher` on first use. No host synchronisation: every
+size the host needs is known from shapes; the data-dependent results (segment offsets, the
+number of used blocks) stay on the device, so the launches can be captured in a CUDA graph.
+
+Alignment contract (see the adapter ``moe_routing.moe_align_block_size``): route ``i`` (flat
+index into ``topk_ids``) with expert ``e`` in ``[0, E)`` lands in expert ``e``'s segment,
+which starts at ``sum_{e' < e} cdiv(count_e', bs) * bs``; every other slot of
+``sorted_token_ids`` holds the pad value ``numel``; ``experts_ids[b]`` is the expert of block
+``b`` (mapped through ``expert_map``) for the used blocks, 0 after them.
+
+Expert ids of the blocks without a search or a barrier: with ``end[e]`` the block where
+expert ``e``'s segment ends (exclusive), the expert of block ``b`` is the number of experts
+with ``end[e] <= b`` (empty experts included: they end where their predecessor does). Per
+chunk of BLOCK_B blocks that is an inclusive cumsum of a ``tl.histogram`` of
+``clamp(end - b0, 0, BLOCK_B - 1)``, minus the experts clamped down into the last bin.
+Rank of a route inside its segment: ``atomic_add`` on a per-expert cursor (one CTA), or on a
+per-(tile, expert) cursor (large path: no global hot spot, each cursor is private to the
+tile that owns it); order within an expert is therefore unspecified, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+_sum = tl.standard._sum_combine
+"""Combiner for ``tl.reduce``/``tl.associative_scan`` (see kernels_norm: ``tl.sum`` and
+``tl.cumsum`` are jit functions bound to the mode active when Triton was imported; the
+interpreter recognises this combiner, while a custom one, max-scan say, would not run)."""
+
+
+def moe_align_small_kernel(
+    ids_ptr, sorted_ptr, eids_ptr, ntpp_ptr, cursor_ptr, map_ptr,
+    numel, n_experts, block_size, sorted_len, eids_len,
+    HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The whole op in one program (numel <= BLOCK_N): histogram, padded exclusive cumsum,
+    pad fill, atomic scatter, expert ids of the blocks. ``cursor_ptr``: int32
+    scratch of at least E entries (no initial value needed). BLOCK_E > E (bin E collects the
+    skipped routes)."""
+    offs = tl.arange(0, BLOCK_N)
+    nmask = offs < numel
+    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
+    valid = nmask & (raw >= 0) & (raw < n_experts)
+    ex = tl.where(valid, raw, n_experts).to(tl.int32)
+    ecols = tl.arange(0, BLOCK_E)
+    emask = ecols < n_experts
+    counts = tl.where(emask, tl.histogram(ex, BLOCK_E), 0)
+    padded = (counts + block_size - 1) // block_size * block_size
+    starts = tl.associative_scan(padded, 0, _sum) - padded
+    total = tl.reduce(padded, 0, _sum)
+    tl.store(ntpp_ptr, total)
+    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
+    for s0 in range(0, sorted_len, BLOCK_S):
+        so = s0 + tl.arange(0, BLOCK_S)
+        tl.store(sorted_ptr + so, pad, mask=so < sorted_len)
+    tl.store(cursor_ptr + ecols, starts, mask=emask)
+    tl.debug_barrier()  # pad fill and cursors before the scatter (other threads' slots)
+    pos = tl.atomic_add(cursor_ptr + ex, 1, mask=valid)
+    tl.store(sorted_ptr + pos, offs, mask=valid)
+    # experts_ids[b] = #experts whose segment ends at or before block b (see module doc)
+    end_blk = tl.where(emask, (starts + padded) // block_size, 2**30)
+    used = total // block_size
+    bcols = tl.arange(0, BLOCK_B)
+    for b0 in range(0, eids_len, BLOCK_B):
+        v = tl.minimum(tl.maximum(end_blk - b0, 0), BLOCK_B - 1)
+        over = tl.reduce((end_blk - b0 >= BLOCK_B).to(tl.int32), 0, _sum)
+        hist = tl.histogram(v, BLOCK_B)
+        e_of_b = tl.associative_scan(hist, 0, _sum) - tl.where(bcols == BLOCK_B - 1, over, 0)
+        bo = b0 + bcols
+        inuse = bo < used
+        if HAS_MAP:
+            e_of_b = tl.load(map_ptr + e_of_b, mask=inuse, other=0)
+        tl.store(eids_ptr + bo, tl.where(inuse, e_of_b, 0).to(tl.int32), mask=bo < eids_len)
+
+
+def moe_align_count_kernel(
+    ids_ptr, counts_ptr, sorted_ptr,
+    numel, n_experts, sorted_len, fill_per_prog,
+    TILE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Large path, step 1 (grid: tiles of TILE routes): the tile's expert histogram into
+    ``counts[pid, :E]``; this program's share of the pad fill of ``sorted_token_ids``."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    nmask = offs < numel
+    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
+    valid = nmask & (raw >= 0) & (raw < n_experts)
+    ex = tl.where(valid, raw, n_experts).to(tl.int32)
+    ecols = tl.arange(0, BLOCK_E)
+    counts = tl.histogram(ex, BLOCK_E)
+    tl.store(counts_ptr + pid.to(tl.int64) * n_experts + ecols, counts,
+             mask=ecols < n_experts)
+    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
+    s_lo = pid.to(tl.int64) * fill_per_prog
+    for s0 in range(0, fill_per_prog, BLOCK_S):
+        so = s_lo + s0 + tl.arange(0, BLOCK_S)
+        tl.store(sorted_ptr + so, pad, mask=(so < sorted_len) & (s0 + tl.arange(0, BLOCK_S)
+                                                                  < fill_per_prog))
+
+
+def moe_align_scan_kernel(
+    counts_ptr, eids_ptr, ntpp_ptr, map_ptr,
+    n_tiles, n_experts, block_size, eids_len,
+    HAS_MAP: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Large path, step 2 (one program): per-expert totals over the tiles, padded segment
+    starts, ``num_tokens_post_pad``; ``counts[tile, e]`` is overwritten in place with the
+    first slot of tile ``tile``'s routes of expert ``e`` (the scatter's cursors); block
+    ``experts_ids`` (see the module doc)."""
+    ecols = tl.arange(0, BLOCK_E)
+    emask = ecols < n_experts
+    trows = tl.arange(0, BLOCK_TILES)
+    totals = tl.full([BLOCK_E], 0, tl.int32)
+    for t0 in range(0, n_tiles, BLOCK_TILES):
+        t = t0 + trows
+        m = (t < n_tiles)[:, None] & emask[None, :]
+        c = tl.load(counts_ptr + t.to(tl.int64)[:, None] * n_experts + ecols[None, :],
+                    mask=m, other=0)
+        totals += tl.reduce(c, 0, _sum)
+    padded = (totals + block_size - 1) // block_size * block_size
+    starts = tl.associative_scan(padded, 0, _sum) - padded
+    total = tl.reduce(padded, 0, _sum)
+    tl.store(ntpp_ptr, total)
+    tl.debug_barrier()  # every thread's totals loads before any cursor is written in place
+    running = starts
+    for t0 in range(0, n_tiles, BLOCK_TILES):
+        t = t0 + trows
+        m = (t < n_tiles)[:, None] & emask[None, :]
+        ptrs = counts_ptr + t.to(tl.int64)[:, None] * n_experts + ecols[None, :]
+        c = tl.load(ptrs, mask=m, other=0)
+        incl = tl.associative_scan(c, 0, _sum)
+        tl.debug_barrier()
+        tl.store(ptrs, running[None, :] + incl - c, mask=m)
+        running += tl.reduce(c, 0, _sum)
+    end_blk = tl.where(emask, (starts + padded) // block_size, 2**30)
+    used = total // block_size
+    bcols = tl.arange(0, BLOCK_B)
+    for b0 in range(0, eids_len, BLOCK_B):
+        v = tl.minimum(tl.maximum(end_blk - b0, 0), BLOCK_B - 1)
+        over = tl.reduce((end_blk - b0 >= BLOCK_B).to(tl.int32), 0, _sum)
+        hist = tl.histogram(v, BLOCK_B)
+        e_of_b = tl.associative_scan(hist, 0, _sum) - tl.where(bcols == BLOCK_B - 1, over, 0)
+        bo = b0 + bcols
+        inuse = bo < used
+        if HAS_MAP:
+            e_of_b = tl.load(map_ptr + e_of_b, mask=inuse, other=0)
+        tl.store(eids_ptr + bo, tl.where(inuse, e_of_b, 0).to(tl.int32), mask=bo < eids_len)
+
+
+def moe_align_scatter_kernel(
+    ids_ptr, cursor_ptr, sorted_ptr,
+    numel, n_experts,
+    TILE: tl.constexpr,
+):
+    """Large path, step 3 (grid: the tiles of step 1): each route takes the next slot of its
+    (tile, expert) cursor and writes its flat index there."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    nmask = offs < numel
+    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
+    valid = nmask & (raw >= 0) & (raw < n_experts)
+    ex = tl.where(valid, raw, 0).to(tl.int32)
+    pos = tl.atomic_add(cursor_ptr + pid.to(tl.int64) * n_experts + ex, 1, mask=valid)
+    tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=valid)
+
+
+def moe_sum_kernel(
+    in_ptr, out_ptr,
+    n_rows, hidden, stride_it, stride_ik, stride_ot, n_hblocks,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Program pid -> rows block pid // n_hblocks, columns block pid % n_hblocks:
+    out[t, h] = sum_j in[t, j, h], fp32 accumulation, one rounding. Last dims unit-stride."""
+    pid = tl.program_id(0)
+    rows = (pid // n_hblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = (pid % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows < n_rows)[:, None] & (cols < hidden)[None, :]
+    rows64 = rows.to(tl.int64)
+    src = in_ptr + rows64[:, None] * stride_it + cols[None, :]
+    acc = tl.full([BLOCK_T, BLOCK_H], 0.0, tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(src + j * stride_ik, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * stride_ot + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)

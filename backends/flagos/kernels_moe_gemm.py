@@ -1,0 +1,224 @@
+"""Triton kernels of ``fused_experts``: grouped GEMMs over expert-aligned blocks of routes.
+
+Plain functions, decorated by :mod:`.launcher` on first use. A *route* is one (token, slot)
+pair, flat index ``r = t * top_k + j``. The routes are grouped per expert into blocks of
+``BLOCK_M`` (``moe_align_block_size``: ``sorted_ids`` lists routes, pad value ``num_valid``,
+``expert_ids`` one expert per block, ``-1`` = not on this rank), or, at decode sizes, one
+block per route (``NAIVE``: block ``b`` holds route ``b`` only and its expert is
+``topk_ids.flat[b]``), as in vLLM's ``fused_moe_kernel``.
+
+* :func:`moe_gemm1_act_kernel`: for a block of routes and ``BLOCK_N`` intermediate columns,
+  computes the gate tile ``x @ w1[e, n].T`` and the up tile ``x @ w1[e, N + n].T`` in the same
+  program (two fp32 accumulators sharing the A tile) and writes ``act(gate) * up`` straight
+  into the ``[M*k, N]`` intermediate: no ``[M*k, 2N]`` round trip, one launch fewer.
+* :func:`moe_gemm2_kernel`: ``y = a @ w2[e].T`` per route, times the router weight in fp32,
+  rounded to the dtype, written to row ``r`` of ``[M*k, K]`` (summed over k afterwards), or
+  straight into the ``[M, K]`` output when k == 1. Extra leading "clean" programs write zeros
+  for routes the alignment skipped (ids outside ``[0, num_global)`` or mapped to -1), so every
+  output row is written without a memset.
+
+Offsets are int64 (vLLM issue #5938: > 65k tokens overflowed int32 products). Only builtins of
+``triton.language`` are used (no ``tl.zeros``/``tl.cdiv``/``tl.sum``: those are ``@jit``
+library functions, which Triton's interpreter cannot call when ``TRITON_INTERPRET`` is set
+after ``triton`` was imported, as our tests do). Rounding as
+vLLM's Triton path: fp32 accumulation, GEMM1 result (times the router weight when MUL_W)
+rounded to the dtype, act in fp32 rounded to the dtype, times up in fp32, rounded; GEMM2 fp32
+times router weight, rounded.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+
+
+def moe_gemm1_act_kernel(
+    a_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
+    N, K, EM, num_valid, top_k, num_local,
+    stride_am, stride_we, stride_wn, stride_cm,
+    NAIVE: tl.constexpr, MUL_W: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_EVICT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """c[r, n] = act(x[r // top_k] @ w1[e, n]) * (x[r // top_k] @ w1[e, N + n]).
+
+    ``w`` is ``[E, 2N, K]`` with unit stride along K; ``a`` is ``[M, K]`` with unit stride
+    along K; ``c`` is ``[M*k, N]`` (row stride ``stride_cm``, unit column stride)."""
+    pid = tl.program_id(0)
+    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_m)
+    pid_n = (pid % in_group) // group_m
+
+    offs = tl.arange(0, BLOCK_M).to(tl.int64)
+    if NAIVE:
+        routes = tl.where(offs == 0, pid_m.to(tl.int64), num_valid)
+    else:
+        if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
+            return
+        routes = tl.load(sorted_ids_ptr + pid_m.to(tl.int64) * BLOCK_M + offs).to(tl.int64)
+    rmask = routes < num_valid
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if (expert < 0) | (expert >= num_local):
+        return  # GEMM2 writes zeros for this block; its intermediate rows are never read
+
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N  # wrap: no mask
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (routes // top_k)[:, None] * stride_am + offs_k[None, :]
+    w_base = w_ptr + expert * stride_we + offs_k[:, None]
+    g_ptrs = w_base + offs_n[None, :] * stride_wn
+    u_ptrs = w_base + (offs_n + N)[None, :] * stride_wn
+    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            if W_EVICT:
+                g = tl.load(g_ptrs, eviction_policy="evict_first")
+                u = tl.load(u_ptrs, eviction_policy="evict_first")
+            else:
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+        else:
+            kmask = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if W_EVICT:
+                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0,
+                            eviction_policy="evict_first")
+                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0,
+                            eviction_policy="evict_first")
+            else:
+                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:  # interpreter: its bf16 tl.dot is wrong; fp32 operands are exact
+            af = a.to(tl.float32)
+            acc_g = tl.dot(af, g.to(tl.float32), acc=acc_g, input_precision="ieee")
+            acc_u = tl.dot(af, u.to(tl.float32), acc=acc_u, input_precision="ieee")
+        elif IEEE:
+            acc_g = tl.dot(a, g, acc=acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, u, acc=acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, g, acc=acc_g)
+            acc_u = tl.dot(a, u, acc=acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+
+    if MUL_W:
+        wt = tl.load(topk_w_ptr + routes, mask=rmask, other=0.0).to(tl.float32)
+        acc_g = acc_g * wt[:, None]
+        acc_u = acc_u * wt[:, None]
+    c_ty = c_ptr.dtype.element_ty
+    gf = acc_g.to(c_ty).to(tl.float32)
+    uf = acc_u.to(c_ty).to(tl.float32)
+    if ACT == 0:
+        y = gf / (1.0 + tl.exp(-gf))
+    elif ACT == 1:
+        y = 0.5 * gf * (1.0 + tl.math.erf(gf * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        y = 0.5 * gf * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))  # tanh via exp
+    y = (y.to(c_ty).to(tl.float32) * uf).to(c_ty)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :]
+    tl.store(c_ptrs, y, mask=rmask[:, None] & (offs_cn[None, :] < N))
+
+
+def moe_gemm2_kernel(
+    a_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
+    map_ptr,
+    N, K, EM, num_valid, num_local, num_global, num_clean,
+    stride_am, stride_we, stride_wn, stride_cm,
+    NAIVE: tl.constexpr, MUL_W: tl.constexpr, HAS_MAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_EVICT: tl.constexpr,
+    UPCAST: tl.constexpr, CLEAN_M: tl.constexpr, CLEAN_N: tl.constexpr,
+):
+    """c[r, :N] = (a[r] @ w2[e].T) * topk_w[r] (K is the reduction: the intermediate size).
+
+    ``w`` is ``[E, N, K]`` (unit stride along K), ``a`` is ``[M*k, K]``, ``c`` rows of N.
+    Programs ``pid < num_clean`` write zeros for the routes of their CLEAN_M-route chunk that
+    no block holds (invalid id, or mapped to -1 when HAS_MAP), then exit."""
+    pid = tl.program_id(0)
+    if pid < num_clean:
+        r = pid.to(tl.int64) * CLEAN_M + tl.arange(0, CLEAN_M).to(tl.int64)
+        in_range = r < num_valid
+        e = tl.load(topk_ids_ptr + r, mask=in_range, other=0).to(tl.int64)
+        bad = (e < 0) | (e >= num_global)
+        if HAS_MAP:
+            ok = in_range & (~bad)
+            mapped = tl.load(map_ptr + tl.where(ok, e, 0), mask=ok, other=0).to(tl.int64)
+            bad = bad | (mapped < 0) | (mapped >= num_local)
+        bad = bad & in_range
+        # masked stores: with no bad route (the usual case) they move no data
+        zeros = tl.full((CLEAN_M, CLEAN_N), 0.0, c_ptr.dtype.element_ty)
+        for n0 in range(0, N, CLEAN_N):
+            cols = n0 + tl.arange(0, CLEAN_N)
+            tl.store(c_ptr + r[:, None] * stride_cm + cols[None, :], zeros,
+                     mask=bad[:, None] & (cols[None, :] < N))
+        return
+    pid = pid - num_clean
+    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_m)
+    pid_n = (pid % in_group) // group_m
+
+    offs = tl.arange(0, BLOCK_M).to(tl.int64)
+    if NAIVE:
+        routes = tl.where(offs == 0, pid_m.to(tl.int64), num_valid)
+    else:
+        if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
+            return
+        routes = tl.load(sorted_ids_ptr + pid_m.to(tl.int64) * BLOCK_M + offs).to(tl.int64)
+    rmask = routes < num_valid
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :]
+    c_mask = rmask[:, None] & (offs_cn[None, :] < N)
+    if (expert < 0) | (expert >= num_local):
+        tl.store(c_ptrs, tl.full((BLOCK_M, BLOCK_N), 0.0, c_ptr.dtype.element_ty),
+                 mask=c_mask)
+        return
+
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + routes[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            if W_EVICT:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs)
+        else:
+            kmask = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if W_EVICT:
+                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0,
+                            eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a, w, acc=acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc=acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if MUL_W:
+        wt = tl.load(topk_w_ptr + routes, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

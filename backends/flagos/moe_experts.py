@@ -1,0 +1,292 @@
+"""``fused_experts`` on our Triton kernels (:mod:`.kernels_moe_gemm`).
+
+Pipeline (at most 4 launches, 2-3 at decode):
+
+1. routes -> expert-aligned blocks: the dispatched ``moe_align_block_size`` (:func:`_align`),
+   or, like vLLM at decode sizes (``expert_map is None and M*k*4 <= global_num_experts``),
+   no alignment at all: one block per route, the block's expert read from ``topk_ids``;
+2. GEMM1 + ``act(gate) * up`` in one kernel into ``[M*k, N]``;
+3. GEMM2 times the router weight into ``[M, k, K]`` (straight into the output when k == 1);
+4. the dispatched ``moe_sum`` over k (:func:`_sum`), skipped when k == 1.
+
+CUDA-graph safe: no host synchronisation; every buffer's size follows from the shapes only
+(the grids cover the worst case and surplus programs exit after one load). Routes whose id is
+outside ``[0, global_num_experts)``, maps to -1 in ``expert_map``, or (without a map) is
+``>= E`` contribute zeros: their GEMM2 rows are written with zeros by the kernel, never left
+uninitialised. Deterministic (no atomics).
+
+The sum over k is whatever the dispatched ``moe_sum`` does; the torch stand-ins (tests, bench)
+accumulate in fp32 and round once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .capability import interpreter_enabled
+from .kernels_moe_gemm import ACT_GELU, ACT_GELU_TANH, ACT_SILU
+from .launcher import TritonKernel
+from .moe_configs import config as _tile_config
+
+_PKG = __package__ or "fl_dispatch_flagos"
+ACTIVATIONS = {"silu": ACT_SILU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CLEAN_M = 64
+"""Routes per "clean" program of GEMM2 (zeros for routes no aligned block holds)."""
+
+
+GEMM1_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_gemm", "moe_gemm1_act_kernel",
+                             do_not_specialize=("EM", "num_valid"))
+GEMM2_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_gemm", "moe_gemm2_kernel",
+                             do_not_specialize=("EM", "num_valid", "num_clean"))
+KERNELS = (GEMM1_KERNEL, GEMM2_KERNEL)
+
+
+# ----------------------------------------------------------------------------- dispatched ops
+
+def _align(topk_ids: torch.Tensor, num_experts: int, block_size: int,
+           sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+           num_tokens_post_pad: torch.Tensor, expert_map: torch.Tensor | None) -> None:
+    """vLLM's ``moe_align_block_size`` into the given buffers, through the dispatcher (so a
+    policy can pick another backend's alignment)."""
+    from fl_dispatch import ops
+
+    ops.moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
+                             experts_ids, num_tokens_post_pad, expert_map)
+
+
+def _sum(inp: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[t] = sum_j inp[t, j]`` through the dispatched ``moe_sum``."""
+    from fl_dispatch import ops
+
+    ops.moe_sum(inp, out)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    try:
+        return torch.cuda.get_device_name(index)
+    except Exception:  # no CUDA (interpreter)
+        return ""
+
+
+def aligned_buffer_sizes(numel: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(len(sorted_token_ids), len(experts_ids)) as vLLM sizes them: ``numel + E*(bm-1)``,
+    capped at ``numel*bm`` when ``numel < E``."""
+    max_pad = numel + num_experts * (block_m - 1)
+    if numel < num_experts:
+        max_pad = min(max_pad, numel * block_m)
+    return max_pad, -(-max_pad // block_m)
+
+
+def use_naive_assignment(M: int, k: int, global_num_experts: int,
+                         expert_map: torch.Tensor | None) -> bool:
+    """vLLM's decode shortcut (``_prepare_expert_assignment``): one block per route."""
+    return expert_map is None and M * k * 4 <= global_num_experts
+
+
+def _bad(arg: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"fused_experts: {arg} is {value}; expected {valid}")
+
+
+def _validate(hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              apply_router_weight_on_input, global_num_experts, expert_map) -> int:
+    """Checks the arguments; returns the resolved ``global_num_experts``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fused_experts: unsupported activation {activation!r}; "
+                         f"supported: {', '.join(ACTIVATIONS)}")
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        raise _bad("hidden_states", _shape(hidden_states), "a 2-D tensor [M, K]")
+    if hidden_states.dtype not in DTYPES:
+        raise _bad("hidden_states.dtype", hidden_states.dtype, "float32, float16 or bfloat16")
+    M, K = hidden_states.shape
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or w1.shape[1] % 2 or w1.shape[1] == 0:
+        raise _bad("w1.shape", _shape(w1), "[E, 2N, K] with 2N even and > 0")
+    E, two_n, k_w1 = w1.shape
+    N = two_n // 2
+    if k_w1 != K:
+        raise _bad("w1.shape", tuple(w1.shape),
+                   f"[E, 2N, K] with K = hidden_states.shape[1] = {K}")
+    if E == 0:
+        raise _bad("w1.shape", tuple(w1.shape), "at least one expert")
+    if not isinstance(w2, torch.Tensor) or tuple(w2.shape) != (E, K, N):
+        raise _bad("w2.shape", _shape(w2), f"(E, K, N) = {(E, K, N)} from w1 {tuple(w1.shape)}")
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.dtype != hidden_states.dtype:
+            raise _bad(f"{name}.dtype", w.dtype, f"hidden_states.dtype ({hidden_states.dtype})")
+        if w.stride(-1) != 1:
+            raise _bad(f"{name}.stride()", tuple(w.stride()), "unit stride in the last dimension")
+        if w.device != hidden_states.device:
+            raise _bad(f"{name}.device", w.device, f"hidden_states.device ({hidden_states.device})")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != M \
+            or topk_ids.shape[1] == 0:
+        raise _bad("topk_ids.shape", _shape(topk_ids), f"[M, k] with M = {M}, k >= 1")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise _bad("topk_ids.dtype", topk_ids.dtype, "torch.int32 or torch.int64")
+    if not isinstance(topk_weights, torch.Tensor) \
+            or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise _bad("topk_weights.shape", _shape(topk_weights),
+                   f"topk_ids.shape = {tuple(topk_ids.shape)}")
+    if not topk_weights.dtype.is_floating_point:
+        raise _bad("topk_weights.dtype", topk_weights.dtype, "a floating dtype (float32)")
+    k = topk_ids.shape[1]
+    if apply_router_weight_on_input and k != 1:
+        raise _bad("topk (topk_ids.shape[1]) with apply_router_weight_on_input=True", k, "1")
+    if expert_map is not None:
+        if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 \
+                or expert_map.dtype not in (torch.int32, torch.int64):
+            raise _bad("expert_map", _describe(expert_map),
+                       "a 1-D int32/int64 tensor [global_num_experts]")
+        if global_num_experts == -1:
+            global_num_experts = expert_map.numel()
+        if expert_map.numel() != global_num_experts:
+            raise _bad("expert_map.numel()", expert_map.numel(),
+                       f"global_num_experts = {global_num_experts}")
+    elif global_num_experts == -1:
+        global_num_experts = E
+    if not isinstance(global_num_experts, int) or global_num_experts < 1:
+        raise _bad("global_num_experts", global_num_experts, "-1 or a positive int")
+    if expert_map is None and global_num_experts < E:
+        raise _bad("global_num_experts", global_num_experts,
+                   f"-1 or >= the number of local experts E = {E} when expert_map is None")
+    return global_num_experts
+
+
+def _shape(t: Any) -> Any:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dim()}-D {t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+# ----------------------------------------------------------------------------- the op
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """vLLM's ``fused_experts`` (unquantized): a new ``[M, K]`` tensor in hidden_states'
+    dtype. ``config`` (keyword only, for sweeps and tests) overrides the tile config of
+    :func:`.moe_configs.config`."""
+    global_num_experts = _validate(hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                                   apply_router_weight_on_input, global_num_experts,
+                                   expert_map)
+    M, K = hidden_states.shape
+    E, two_n, _ = w1.shape
+    N = two_n // 2
+    k = topk_ids.shape[1]
+    dtype = hidden_states.dtype
+    device = hidden_states.device
+    out = torch.empty((M, K), dtype=dtype, device=device)
+    if M == 0:
+        return out
+    x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
+    tw = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    tw = tw if tw.is_contiguous() else tw.contiguous()
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    if expert_map is not None and not expert_map.is_contiguous():
+        expert_map = expert_map.contiguous()
+    dev = device.index if device.type == "cuda" else 0
+    if dev is None:
+        dev = torch.cuda.current_device()
+    cfg = config or _tile_config(M, E, N, K, k, dtype,
+                                 _device_name(dev) if device.type == "cuda" else "")
+    bm = cfg["BLOCK_SIZE_M"]
+    numel = M * k
+
+    naive = use_naive_assignment(M, k, global_num_experts, expert_map)
+    if naive:
+        sorted_ids = ids  # unused by the kernels
+        expert_ids = ids.view(-1)
+        ntpp = ids  # unused
+        em = numel * bm
+    else:
+        length, blocks = aligned_buffer_sizes(numel, global_num_experts, bm)
+        sorted_ids = torch.empty((length,), dtype=torch.int32, device=device)
+        expert_ids = torch.empty((blocks,), dtype=torch.int32, device=device)
+        ntpp = torch.empty((1,), dtype=torch.int32, device=device)
+        _align(ids, global_num_experts, bm, sorted_ids, expert_ids, ntpp, expert_map)
+        em = min(length, numel * bm)
+    num_pid_m = -(-em // bm)
+
+    cache2 = torch.empty((numel, N), dtype=dtype, device=device)
+    ieee = dtype == torch.float32
+    upcast = dtype == torch.bfloat16 and interpreter_enabled()  # its bf16 tl.dot is wrong
+
+    g1 = cfg["gemm1"]
+    bn1, bk1 = g1["BLOCK_SIZE_N"], g1["BLOCK_SIZE_K"]
+    args1 = (N, K, em, numel, k, E, x.stride(0), w1.stride(0), w1.stride(1), cache2.stride(0),
+             naive, bool(apply_router_weight_on_input), ACTIVATIONS[activation], bm, bn1, bk1,
+             g1["GROUP_SIZE_M"], K % bk1 == 0, ieee, int(g1.get("W_EVICT", 0)), upcast)
+    t1 = (x, w1, cache2, tw, sorted_ids, expert_ids, ntpp)
+    p1 = tuple(t.data_ptr() for t in t1)
+    key1 = (tuple(t.dtype for t in t1), tuple(p & 15 for p in p1), dev,
+            g1["num_warps"], g1["num_stages"], *args1[:2], *args1[4:])
+    GEMM1_KERNEL.launch(key1, (num_pid_m * -(-N // bn1), 1, 1), dev, t1, p1, args1,
+                        g1["num_warps"], g1["num_stages"])
+
+    cache3 = out.view(M, 1, K) if k == 1 else torch.empty((M, k, K), dtype=dtype,
+                                                           device=device)
+    c3 = cache3.view(numel, K)
+    g2 = cfg["gemm2"]
+    bn2, bk2 = g2["BLOCK_SIZE_N"], g2["BLOCK_SIZE_K"]
+    num_clean = 0 if naive else -(-numel // CLEAN_M)
+    has_map = expert_map is not None
+    emap = expert_map if has_map else ids
+    clean_n = min(256, max(16, 1 << max(K - 1, 0).bit_length()))
+    args2 = (K, N, em, numel, E, global_num_experts, num_clean, cache2.stride(0),
+             w2.stride(0), w2.stride(1), c3.stride(0), naive,
+             not apply_router_weight_on_input, has_map, bm, bn2, bk2, g2["GROUP_SIZE_M"],
+             N % bk2 == 0, ieee, int(g2.get("W_EVICT", 0)), upcast, CLEAN_M, clean_n)
+    t2 = (cache2, w2, c3, tw, sorted_ids, expert_ids, ntpp, ids, emap)
+    p2 = tuple(t.data_ptr() for t in t2)
+    key2 = (tuple(t.dtype for t in t2), tuple(p & 15 for p in p2), dev,
+            g2["num_warps"], g2["num_stages"], *args2[:2], *args2[4:6], *args2[7:])
+    GEMM2_KERNEL.launch(key2, (num_clean + num_pid_m * -(-K // bn2), 1, 1), dev, t2,
+                        p2, args2, g2["num_warps"], g2["num_stages"])
+    if k > 1:
+        _sum(cache3, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- registration
+def _fused_experts_op(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The op's exact signature (no ``config``): what the dispatcher calls."""
+    return fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                         apply_router_weight_on_input, global_num_experts, expert_map)
+
+
+def _register() -> None:
+    from .ops import impls
+
+    impls.add("fused_experts", _fused_experts_op)
+
+
+_register()

