@@ -152,10 +152,41 @@ def rms_norm(
 
 
 GAPS = {
-    "rotary_embedding": "default.flagos.flaggems does not serve it: FlagGems' rotary (flag_gems.fused.rotary_embedding) takes separate "
+    "rotary_embedding": "default.flagos.flaggems does not serve it: FlagGems' rotary "
+                        "(flag_gems.fused.rotary_embedding) takes separate "
                         "cos/sin tensors gathered per token and rotates whole heads: serving "
                         "vLLM's cache + positions contract needs a gather and a copy per call, "
                         "slower than our kernel",
+    # the MoE impls of flaggems_moe.py (FlagGems 5.0.2, src/flag_gems/fused/*.py)
+    "topk_softmax": "default.flagos.flaggems (flag_gems.topk_softmax): no bias, topk > 32, "
+                    "E > 1024 go to our Triton topk_softmax (default.flagos); FlagGems adds "
+                    "+1e-8 to the softmax and renormalisation denominators (weights off by "
+                    "~1e-8 relative)",
+    "grouped_topk": "default.flagos.flaggems (flag_gems.grouped_topk): bias None becomes "
+                    "zeros of the scores' dtype and the bias is rounded to that dtype; "
+                    "sigmoid, score + bias and the group scores are computed in the scores' "
+                    "dtype (bf16/fp16: near-ties and weights can differ from the fp32 "
+                    "contract); n_group > 32, topk > 32 or not a power of two go to our "
+                    "Triton grouped_topk",
+    "moe_align_block_size": "default.flagos.flaggems (flag_gems.moe_align_block_size_triton):"
+                            " expert_map applied after the kernel on the used blocks "
+                            "(experts_ids = expert_map[experts_ids], as vLLM's wrapper); ids "
+                            "outside [0, num_experts) are NOT skipped by FlagGems' kernel "
+                            "(valid ids only, as vLLM's routers produce); num_experts >= "
+                            "1024, no routes, or non-contiguous buffers go to our Triton "
+                            "align",
+    "moe_sum": "default.flagos.flaggems (flag_gems.moe_sum): autotuned, so its first call per "
+               "(hidden, topk) benchmarks and must happen before CUDA-graph capture",
+    "fused_experts": "default.flagos.flaggems (flag_gems.fused_experts_impl): silu only; "
+                     "gelu/gelu_tanh, global_num_experts other than E (no map) or than the "
+                     "map's length (with a map), and w1/w2 with a strided last dim go to our "
+                     "Triton fused_experts (default.flagos)",
+    "flash_mla": "default.flagos.flaggems does not serve it: flag_gems.flash_mla (v5.0.2 "
+                 "fused/flash_mla.py) returns no lse (the op's contract returns one), "
+                 "hard-codes softmax scale 1/sqrt(d), asserts causal but applies no causal "
+                 "mask, runs one query row per batch entry (s_q > 1 is not served) and "
+                 "divides by zero on zero-length rows; recovering lse would need a second "
+                 "pass over the cache",
 }
 """Built-in ops FlagGems has a kernel for but this backend does not serve, and why (shown by
 ``fl-dispatch plugins``)."""

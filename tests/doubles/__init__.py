@@ -1,0 +1,1 @@
+"""Test doubles: fake vendor libraries (torch.ops namespaces, modules) with reference semantics."""
