@@ -20,8 +20,14 @@ choices = ImplTable(impl_id=IMPL_ID, kind=KIND, check=gpu_unavailable_reason)
 
 @choices.impl()
 def attention_backend(use_mla: bool = False) -> str | None:
-    """vLLM's Triton attention backends: the vendor-neutral choice."""
-    return "TRITON_MLA" if use_mla else "TRITON_ATTN"
+    """vLLM's Triton attention backends: the vendor-neutral choice. For MLA models, the
+    fl-dispatch MLA backend (TRITON_MLA with decode through the dispatched ``flash_mla``)
+    where this process registered it (``'CUSTOM'``), else TRITON_MLA."""
+    if not use_mla:
+        return "TRITON_ATTN"
+    from fl_dispatch.vllm_glue.mla import registered_backend
+
+    return registered_backend() or "TRITON_MLA"
 
 
 @hookimpl
@@ -34,7 +40,7 @@ def fl_dispatch_backend_info() -> BackendInfo:
 
 @hookimpl
 def fl_dispatch_register_impls(registrar: Registrar) -> None:
-    from . import flaggems, mla, moe_experts, moe_routing, ops  # noqa: F401 (they add impls)
+    from . import flaggems, flaggems_moe, mla, moe_experts, moe_routing, ops  # noqa: F401
 
     ops.impls.register_all(registrar)
     flaggems.impls.register_all(registrar)
