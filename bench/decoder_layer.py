@@ -18,16 +18,16 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_env import setup  # noqa: E402
+from _gpu_env import setup
 
 VLLM_LIB = setup()
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from triton.testing import do_bench_cudagraph  # noqa: E402
+import torch
+import torch.nn.functional as F
+from fl_dispatch_flagos import ops as flagos
+from triton.testing import do_bench_cudagraph
 
-import fl_dispatch.core.ops as ref  # noqa: E402
-from fl_dispatch_flagos import ops as flagos  # noqa: E402
+import fl_dispatch.core.ops as ref
 
 HIDDEN, INTER, HQ, HK, HEAD = 4096, 14336, 32, 8, 128
 EPS = 1e-6
@@ -105,7 +105,7 @@ def main() -> None:
         times: dict[str, float] = {}
         for name, ops in builds.items():
             x, r, pos = inputs(tokens, 2)
-            fn = lambda: layer.forward(ops, x, r, pos)  # noqa: E731
+            fn = lambda: layer.forward(ops, x, r, pos)
             fn(), fn()
             torch.cuda.synchronize()
             times[name] = do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3

@@ -28,18 +28,18 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_env import setup  # noqa: E402
+from _gpu_env import setup
 
 VLLM_LIB = setup()
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
+import torch
+import triton
+from fl_dispatch_flagos import flaggems
+from fl_dispatch_flagos import ops as flagos
+from triton.testing import do_bench, do_bench_cudagraph
 
-import fl_dispatch.core.ops as ref  # noqa: E402
-from fl_dispatch_flagos import flaggems  # noqa: E402
-from fl_dispatch_flagos import ops as flagos  # noqa: E402
-from fl_dispatch.testing.tolerances import tolerance  # noqa: E402
+import fl_dispatch.core.ops as ref
+from fl_dispatch.testing.tolerances import tolerance
 
 HIDDEN, INTER, HQ, HK, HEAD = 4096, 14336, 32, 8, 128
 EPS = 1e-6
@@ -89,7 +89,7 @@ class Case:
     def inputs(self) -> dict[str, Any]:
         t = self.tokens
         g = torch.Generator(device=DEV).manual_seed(t * 7 + len(self.op))
-        rn = lambda *s: torch.randn(*s, device=DEV, dtype=torch.float32, generator=g).to(DT)  # noqa: E731
+        rn = lambda *s: torch.randn(*s, device=DEV, dtype=torch.float32, generator=g).to(DT)
         if self.op in ("silu_and_mul", "gelu_and_mul"):
             return {"x": rn(t, 2 * INTER) * 2}
         if self.op == "rms_norm":
@@ -154,13 +154,12 @@ def copy_bandwidth() -> float:
     a = torch.empty(2**29, dtype=torch.bfloat16, device=DEV).normal_()
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
-    del a, b
     return 2 * 2**30 / (ms * 1e-3)
 
 
 def device_us(case: Case, impl: Any) -> float:
     a = case.inputs()
-    fn = lambda: case.call(impl, a)  # noqa: E731
+    fn = lambda: case.call(impl, a)
     fn(), fn()
     torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
@@ -225,7 +224,8 @@ def _sweep_variants() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     rope = [(f"{bh},{w}", {"rotary_config": (lambda *a, _c=(64, bh, w): _c)})
             for bh, w in ((1, 1), (2, 1), (4, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8),
                           (32, 16))]
-    return {"silu_and_mul": act, "gelu_and_mul": act}
+    return {"silu_and_mul": act, "gelu_and_mul": act, "rms_norm": norm,
+            "rotary_embedding": rope}
 
 
 def sweep(out: list[str], sizes: tuple[int, ...], ops: tuple[str, ...] | None = None,

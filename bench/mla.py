@@ -173,7 +173,7 @@ def correctness() -> list[dict]:
                 why = check_ours(inp, D ** -0.5, causal)
                 for cfg in _forced_splits(len(lens), s_q * h_q):
                     why = why or check_ours(inp, 0.1, causal, config=cfg)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
             print(f"  correctness {label:40s} {'ok' if why is None else 'FAIL: ' + why}")
             results.append({"case": label, "ok": why is None, "error": why})
@@ -195,7 +195,7 @@ def load_vllm_triton() -> tuple[Callable | None, str]:
         try:
             import vllm.platforms
             import vllm.triton_utils  # noqa: F401
-        except Exception:  # noqa: BLE001  stub the few vllm helpers the file imports
+        except Exception:
             import triton.language as tl
 
             plat = types.SimpleNamespace(
@@ -217,7 +217,7 @@ def load_vllm_triton() -> tuple[Callable | None, str]:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.decode_attention_fwd, "loaded"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
@@ -264,17 +264,18 @@ def load_flashmla() -> tuple[Any, str]:
         ops = torch.ops._flashmla_C
         ops.dense_decode_fwd  # noqa: B018 (resolves the op or raises)
         return ops, "loaded"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
 def flashmla_fn(ops: Any, inp: dict, scale: float, causal: bool) -> Callable:
     q, kv, table, seqlens = inp["q"], inp["kv"], inp["table"], inp["seqlens"]
-    res = ops.dense_decode_fwd(q, kv, DV, seqlens, table, scale, causal, None, None)
+    res = ops.dense_decode_fwd(q, kv, DV, seqlens, table, scale, causal, None, None, None)
     meta, splits = res[2], res[3]
 
     def run():
-        return ops.dense_decode_fwd(q, kv, DV, seqlens, table, scale, causal, meta, splits)[0]
+        return ops.dense_decode_fwd(q, kv, DV, seqlens, table, scale, causal, meta, splits,
+                                    None)[0]
 
     return run
 
@@ -284,7 +285,7 @@ def load_flaggems() -> tuple[Any, str]:
         import flag_gems
 
         return flag_gems.flash_mla, f"flag_gems {getattr(flag_gems, '__version__', '?')}"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
@@ -338,7 +339,7 @@ def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict]]:
                                    scale, causal, config=cfg)
         try:
             ms = bench(fn, rep=20)
-        except Exception as exc:  # noqa: BLE001 (out of shared memory, registers ...)
+        except Exception as exc:
             tried.append({"config": list(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})
             return math.inf
         tried.append({"config": list(cfg), "us": ms * 1e3})
@@ -403,14 +404,14 @@ def main() -> int:
                 report["cases"].append(case)
                 try:
                     inp = make_inputs(128, s_q, h_q, mean_len, seed=mean_len + h_q + s_q)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     case["error"] = f"inputs: {type(exc).__name__}: {exc}"
                     print(f"{label}: {case['error']}")
                     continue
                 why = None
                 try:
                     why = check_ours(inp, scale, causal, rows=4)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     why = f"{type(exc).__name__}: {exc}"
                 case["spot_check"] = why or "ok"
                 fns: dict[str, Callable] = {}
@@ -430,24 +431,24 @@ def main() -> int:
                         fns["ours_swept"] = lambda inp=inp, best=best: mla.flash_mla(
                             inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale,
                             causal, config=best)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         print(f"  sweep {label} failed: {type(exc).__name__}: {exc}")
                 if vllm_fwd is not None:
                     try:
                         fns["vllm_triton"] = vllm_triton_fn(vllm_fwd, inp, scale, causal)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         case["impls"]["vllm_triton"] = {"error": str(exc)[:300]}
                 if fm_ops is not None:
                     try:
                         fns["flashmla"] = flashmla_fn(fm_ops, inp, scale, causal)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         case["impls"]["flashmla"] = {"error": str(exc)[:300]}
                 if gems is not None and s_q == 1:
                     fns["flaggems"] = flaggems_fn(gems, inp, causal)
                 for name, fn in fns.items():
                     try:
                         case["impls"][name] = metrics(inp, bench(fn))
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         case["impls"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                         traceback.print_exc(limit=2)
                 _print_case(label, case)

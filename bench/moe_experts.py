@@ -43,8 +43,8 @@ from _gpu_env import ROOT, setup
 
 setup()
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch
+import triton
 
 
 def _import_flagos():

@@ -37,10 +37,12 @@ from _gpu_env import setup
 setup()
 ROOT = Path(__file__).resolve().parent.parent
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from fl_dispatch_flagos import moe_routing as mr  # noqa: E402
-from triton.testing import do_bench_cudagraph  # noqa: E402
+import torch
+import triton
+from fl_dispatch_flagos import moe_routing as mr
+from triton.testing import do_bench_cudagraph
+
+from fl_dispatch.testing.inputs_moe import align_canonical
 
 
 def _load_reference():
@@ -292,10 +294,18 @@ def check_all(impls) -> list[str]:
                             used = int(want[2].item()) // ALIGN_BS
                             if not torch.equal(got[1][:used], want[1][:used]):
                                 return "experts_ids differ"
-                            gs = got[0][: used * ALIGN_BS].view(-1, ALIGN_BS).sort(-1).values
-                            ws = want[0][: used * ALIGN_BS].view(-1, ALIGN_BS).sort(-1).values
-                            if not torch.equal(gs, ws):
-                                return "per-block token sets differ"
+                            # the kit's canonical form: each expert segment sorted
+                            ga = {"block_size": ALIGN_BS, "sorted_token_ids": got[0].clone(),
+                                  "experts_ids": got[1].clone(), "num_tokens_post_pad": got[2]}
+                            wa = {"block_size": ALIGN_BS, "sorted_token_ids": want[0].clone(),
+                                  "experts_ids": want[1].clone(),
+                                  "num_tokens_post_pad": want[2]}
+                            align_canonical(ga)
+                            align_canonical(wa)
+                            n = used * ALIGN_BS
+                            if not torch.equal(ga["sorted_token_ids"][:n],
+                                               wa["sorted_token_ids"][:n]):
+                                return "per-expert token sets differ"
                             if impl == "flagos" and not (
                                     got[0][used * ALIGN_BS:] == ids.numel()).all():
                                 return "tail of sorted_token_ids not the pad value"

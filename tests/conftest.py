@@ -40,7 +40,8 @@ class _ListHandler(logging.Handler):
 
 @pytest.fixture
 def fl_log():
-    """Records of the ``fl_dispatch`` logger alone, at DEBUG (caplog sees them too: it propagates)."""
+    """Records of the ``fl_dispatch`` logger alone, at DEBUG (caplog sees them too: the
+    logger propagates)."""
     from fl_dispatch.core.log import get_logger
 
     logger = get_logger()

@@ -15,9 +15,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--decode", "1,4", "--prefill", "16", "--hidden", "64",
         "--intermediate", "96", "--heads", "2", "--kv-heads", "1", "--head-size", "32",
-        "--repeats", "3"]
-OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding"}
+        "--moe-intermediate", "32", "--mla-heads", "2", "--kv-len", "40", "--repeats", "3"]
+OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding", "topk_softmax",
+       "grouped_topk", "moe_align_block_size", "moe_sum", "fused_experts", "flash_mla"}
 RESULT_KEYS = {"op", "case", "phase", "tokens", "impl", "kind", "bytes", "status", "us", "gbs",
+               "tflops",
                "pct_copy", "ratio_to_best_other", "note"}
 
 
@@ -54,8 +56,11 @@ def test_json_schema(run: dict[str, Any]) -> None:
     assert data["device"]["type"] == "cpu" and data["device"]["copy_gbs"] > 0
     assert data["dtype"] == "bf16" and data["decode"] == [1, 4] and data["prefill"] == [16]
     assert data["dims"] == {"hidden": 64, "intermediate": 96, "heads": 2, "kv_heads": 1,
-                            "head_size": 32}
+                            "head_size": 32, "experts": 8, "topk": 2, "moe_intermediate": 32,
+                            "expert_groups": 4, "mla_heads": 2, "kv_len": 40}
     results = data["results"]
+    experts = [r for r in results if r["op"] == "fused_experts" and r["status"] == "ok"]
+    assert experts and all(r["tflops"] and r["tflops"] > 0 for r in experts)
     assert all(set(r) == RESULT_KEYS for r in results)
     assert {r["case"] for r in results} == OPS | {"rms_norm+residual"}
     ref = [r for r in results if r["impl"] == "reference.torch"]
@@ -96,8 +101,8 @@ def test_png_is_written(run: dict[str, Any]) -> None:
 
 
 def test_written_config_is_a_valid_policy_led_by_the_fastest(run: dict[str, Any]) -> None:
-    from fl_dispatch.tools.cli import main
     from fl_dispatch.core.config import resolve_policy
+    from fl_dispatch.tools.cli import main
 
     text = run["yaml"].read_text(encoding="utf-8")
     assert text.startswith("# fl-dispatch policy") and "# device:" in text and "date" in text
@@ -112,8 +117,8 @@ def test_written_config_is_a_valid_policy_led_by_the_fastest(run: dict[str, Any]
 
 
 def test_op_order_puts_the_reference_last() -> None:
-    from fl_dispatch.tools.bench_report import op_order
     from fl_dispatch.core.impl import Impl
+    from fl_dispatch.tools.bench_report import op_order
 
     def impl(impl_id: str, kind: str) -> Impl:
         return Impl("rms_norm", impl_id, len, kind, "x" if kind == "vendor" else None, 1,

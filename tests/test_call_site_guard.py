@@ -94,7 +94,6 @@ def test_single_impl_call_site_propagates_without_demotion(flaky, monkeypatch):
 
 def test_torch_custom_op_falls_back(flaky):
     from fl_dispatch.core import torch_ops
-
     from fl_dispatch.core.ops import BUILTIN_OPS
     torch_ops.define(BUILTIN_OPS)
     x, w = torch.randn(4, 32), torch.randn(32)

@@ -10,11 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import PLUGINS_DIR
 
 from fl_dispatch.core.config import platform_file
 from fl_dispatch.core.ops import BUILTIN_OPS
-
-from conftest import PLUGINS_DIR
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "fl-dispatch")

@@ -21,8 +21,8 @@ from fl_dispatch.core.config import (
     resolve_policy,
     validate_against_registry,
 )
-from fl_dispatch.core.dispatch import Dispatcher
 from fl_dispatch.core.discovery import load_plugins
+from fl_dispatch.core.dispatch import Dispatcher
 from fl_dispatch.core.errors import ConfigError, PluginLoadError
 
 CUDA_YAML = platform_file("cuda")

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 
 import fl_dispatch
-from fl_dispatch.core import dispatch as dispatch_mod
 from fl_dispatch import hookimpl
+from fl_dispatch.core import dispatch as dispatch_mod
 from fl_dispatch.core.config import resolve_policy
 from fl_dispatch.core.discovery import Candidate, PluginSet
 from fl_dispatch.core.dispatch import Dispatcher
@@ -479,7 +479,7 @@ def test_concurrent_first_failures_demote_only_the_failing_impl():
     def worker():
         try:
             results.append(entry(X, W, EPS)[0])
-        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+        except Exception as exc:
             results.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(2)]

@@ -17,10 +17,12 @@ import types
 
 import pytest
 import torch
+from fl_dispatch_flagos import capability, flaggems
 
 import fl_dispatch.core.ops as ref
-from fl_dispatch_flagos import capability, flaggems
 from fl_dispatch.testing.tolerances import tolerance
+
+pytestmark = pytest.mark.interpreter
 
 DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
@@ -342,6 +344,7 @@ def test_launch_keys_are_at_least_as_fine_as_triton_specialization(monkeypatch):
             assert seen.setdefault(key, spec) == spec, f"{name}: key {key} covers two kernels"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the cached launcher only exists for compiled kernels")
 def test_cached_launcher_takes_the_fast_path_and_agrees():
     ops = _ops()
@@ -359,6 +362,7 @@ def test_cached_launcher_takes_the_fast_path_and_agrees():
     assert ops.ACT_KERNEL.slow_launches == slow + 1
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the cached launcher only exists for compiled kernels")
 def test_rms_norm_fast_path_takes_the_cached_launcher_and_agrees():
     """rms_norm's inline fast path (plain and fused) calls the cached launcher itself."""
@@ -379,6 +383,7 @@ def test_rms_norm_fast_path_takes_the_cached_launcher_and_agrees():
     _close(first, ref.rms_norm(x, w, EPS))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_ops_capture_in_a_cuda_graph():
     ops = _ops()

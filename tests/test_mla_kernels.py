@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.interpreter
+
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"

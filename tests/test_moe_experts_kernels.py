@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.interpreter
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.interpreter
+
 DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,9 +302,22 @@ def test_align_through_vllm_python_wrapper(monkeypatch):
 
 # ----------------------------------------------------------------------------- align
 
-def _block_sets(s: torch.Tensor, n: torch.Tensor, bs: int) -> list[list[int]]:
+def _block_sets(s: torch.Tensor, n: torch.Tensor, bs: int,
+                e: torch.Tensor | None = None) -> list[list[int]]:
+    """The multiset of each expert segment (a run of blocks of one expert): the order of an
+    expert's tokens is unspecified, across its blocks too (vLLM's atomic kernel). Without
+    ``e``: per block (valid where no expert spans several blocks)."""
     used = int(n.reshape(-1)[0])
-    return [sorted(b) for b in s[:used].cpu().view(-1, bs).tolist()]
+    blocks = s[:used].cpu().view(-1, bs).tolist()
+    if e is None:
+        return [sorted(b) for b in blocks]
+    experts = e.cpu()[:used // bs].tolist()
+    segments: list[list[int]] = []
+    for i, b in enumerate(blocks):
+        if i == 0 or experts[i] != experts[i - 1]:
+            segments.append([])
+        segments[-1] += b
+    return [sorted(seg) for seg in segments]
 
 
 def _run_align(impl, ids, experts, bs, emap=None, extra=0):
@@ -319,7 +334,7 @@ def _check_align(ids, experts, bs, emap=None, extra=0):
     got = _run_align(_mr().moe_align_block_size, ids, experts, bs, emap, extra)
     assert torch.equal(got[2], want[2]), (got[2], want[2])
     assert torch.equal(got[1], want[1]), (got[1], want[1])  # used blocks + the zero tail
-    assert _block_sets(*got[::2], bs) == _block_sets(*want[::2], bs)
+    assert _block_sets(got[0], got[2], bs, got[1]) == _block_sets(want[0], want[2], bs, want[1])
     used = int(want[2])
     assert (got[0][used:] == ids.numel()).all(), "slots after num_tokens_post_pad: pad value"
     return got
@@ -491,5 +506,6 @@ def test_moe_sum(tokens, k, hidden, dtype):
     # one rounding of an fp32 sum: equal unless the fp32 sums differ by order (an ulp)
     torch.testing.assert_close(got.cpu().float(), want.cpu().float(), rtol=1e-6 if
                                dtype == torch.float32 else 8e-3, atol=1e-5)
-    exact = (got.cpu() == want.cpu()).float().mean().item()
-    assert exact > 0.97, f"only {exact:.3f} of the sums round like the reference"
+    if dtype != torch.float32:  # fp32 results are the sums themselves: order moves the last
+        exact = (got.cpu() == want.cpu()).float().mean().item()  # bit (seen on the H200)
+        assert exact > 0.97, f"only {exact:.3f} of the sums round like the reference"

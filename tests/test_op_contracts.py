@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import fl_dispatch_cuda.ops as cuda_ops
 import fl_dispatch_flagos.flaggems as flaggems
 import fl_dispatch_flagos.ops as flagos_ops
+import pytest
+import torch
+
 import fl_dispatch.core.ops as reference
 from fl_dispatch.core.opspec import write_out
 

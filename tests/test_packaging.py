@@ -7,11 +7,11 @@ import configparser
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = sorted(p.name for p in (ROOT / "backends").iterdir()

@@ -16,6 +16,8 @@ import pytest
 from fl_dispatch.tools.demo import run_generation
 from fl_dispatch.tools.demo_model import BASE_CONFIG, build_model
 
+pytestmark = pytest.mark.vllm
+
 LAYERS = BASE_CONFIG["num_hidden_layers"]
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [42, 17, 256, 99], [300, 301, 302]]
 MAX_TOKENS = 12

@@ -12,6 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.vllm
+
 PLUGINS = str(Path(__file__).parent / "e2e_plugins")
 
 PRELUDE = """
@@ -235,8 +239,8 @@ def test_compiled_graph_traces_plain_pytorch_and_keeps_kernels_opaque():
 def test_bad_global_switch_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
     env["VLLM_FL_PREFER_ENABLED"] = "maybe"
-    proc = subprocess.run([sys.executable, "-c", "from fl_dispatch.vllm_glue import plugin as vllm_plugin; "
-                           "vllm_plugin.register()"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", "from fl_dispatch.vllm_glue import plugin; "
+                           "plugin.register()"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
     assert "env:VLLM_FL_PREFER_ENABLED: 'maybe' is not a boolean" in proc.stderr

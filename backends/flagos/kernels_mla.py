@@ -31,7 +31,6 @@ _max = tl.standard._elementwise_max
 """``tl.sum``/``tl.max`` are jit functions decorated at ``triton.language`` import (for the mode
 of that moment); ``tl.reduce`` with the plain combiners works in either mode."""
 
-LN2 = 0.6931471805599453
 
 
 def mla_split_kernel(
@@ -122,7 +121,7 @@ def mla_split_kernel(
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = (m_i + tl.math.log2(l_safe)) * LN2
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # ln 2: base-2 lse to natural
     o_rows = o_ptr + pid_b.to(tl.int64) * stride_ob + pid_sp * stride_osp + rows * stride_om
     l_rows = (lse_ptr + pid_b.to(tl.int64) * stride_lb + pid_sp * stride_lsp
               + h_idx * stride_lh + s_idx * stride_ls)

@@ -78,24 +78,28 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
     Memory-bound shapes (rows <= 32) take all rows in one program with 64-position tiles
     (one page); compute-bound ones 64 rows (fp32 acc 64 x 512 over 8 warps = 128 regs/thread)
     with 32-position tiles so that q (72 KB) and two tiles fit. Splits: enough programs for
-    about 4 waves (memory-bound, balances varying lengths) or 2 (compute-bound, fewer partial
-    outputs), at least 256 positions per split, a power of two (combine is specialized on it).
+    about 8 waves (memory-bound, balances varying lengths) or 4 (compute-bound, fewer partial
+    outputs; the measured best), at least 256 positions per split, a power of two (combine is
+    specialized on it).
     """
     key = (dtype_bytes, _pow2(rows), _pow2(max(capacity, 1)), _pow2(batch))
     hit = MLA_CONFIGS.get(key)
     if hit is not None:
         block_h, block_n, warps, stages, splits = hit
     else:
+        # H200 sweep (2026-11-30, B=128, 8k varlen; docs/performance.md): 4 warps for the
+        # memory-bound shapes, 64-position tiles everywhere, about 8 waves of splits when
+        # memory-bound (16 splits at B=128) and 4 when compute-bound
         if rows <= 16:
             block_h, block_n, warps, stages = 16, 64, 4, 2
         elif rows <= 32:
-            block_h, block_n, warps, stages = 32, 64, 8, 2
+            block_h, block_n, warps, stages = 32, 64, 4, 2
         else:
-            block_h, block_n, warps, stages = 64, 32, 8, 2
+            block_h, block_n, warps, stages = 64, 64, 8, 2
         if dtype_bytes == 4:  # fp32 tiles are twice the size
             block_n, stages = min(block_n, 32), 1
         heads = -(-rows // block_h)
-        waves = 4 if rows <= 32 else 2
+        waves = 8 if rows <= 32 else 4
         want = -(-waves * num_sms // max(batch * heads, 1))
         most = max(1, capacity // 256)
         splits = _pow2(max(1, min(want, most)))

@@ -89,6 +89,17 @@ TABLES: dict[tuple[str, int, int, int, int, str], dict[int, dict]] = {
 }
 
 
+def _overlay_measured() -> None:
+    """Rows measured on the device (:mod:`.moe_tuned`) replace the vLLM-derived ones."""
+    from .moe_tuned import MEASURED
+
+    for key, rows in MEASURED.items():
+        TABLES[key] = {**TABLES.get(key, {}), **rows}
+
+
+_overlay_measured()
+
+
 def device_key(device_name: str | None) -> str:
     """vLLM's normalisation: spaces -> '_', any H200 -> 'NVIDIA_H200'."""
     name = (device_name or "").replace(" ", "_")

@@ -75,12 +75,16 @@ def entry_point_candidates() -> list[Candidate]:
     return found
 
 
+def _importer(module: str) -> Callable[[], Any]:
+    def load() -> Any:
+        return importlib.import_module(module)
+
+    return load
+
+
 def module_candidates(modules: Iterable[str]) -> list[Candidate]:
-    return [
-        Candidate(m, f"module {m} (VLLM_FL_PLUGIN_MODULES)",
-                  lambda m=m: importlib.import_module(m))
-        for m in modules
-    ]
+    return [Candidate(m, f"module {m} (VLLM_FL_PLUGIN_MODULES)", _importer(m))
+            for m in modules]
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:

@@ -314,8 +314,8 @@ def recover(op: str, failed_fn: Callable[..., Any], exc: Exception, args: tuple[
 
 
 def _install_getattr() -> None:
-    ops.__getattr__ = _lookup(ops)  # type: ignore[attr-defined]
-    fast.__getattr__ = _lookup(fast)  # type: ignore[attr-defined]
+    setattr(ops, "__getattr__", _lookup(ops))  # noqa: B010 (a module attribute, on purpose)
+    setattr(fast, "__getattr__", _lookup(fast))  # noqa: B010
 
 
 _bound: set[str] = set()

@@ -15,7 +15,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -29,7 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16"}
 
-Returns = Union[str, tuple[str, ...]]
+Returns = str | tuple[str, ...]
 """What a call must return: ``"new"`` (a fresh tensor aliasing no argument), ``"none"``, or
 the names of the arguments the result must be (one name: that tensor; several: a tuple)."""
 
@@ -232,7 +232,7 @@ def act_case(op: str, tokens: int, d: int, dtype: str, *, x_strided: bool = Fals
                 rows * 3 * d * _size(dtype))
 
 
-def _act_cases(op: str, shapes: Iterable[tuple[int, int]], dtype: str,
+def _act_cases(op: str, shapes: Iterable[tuple[int, ...]], dtype: str,
                approximations: tuple[str | None, ...]) -> list[Case]:
     cases = []
     for i, (tokens, d) in enumerate(shapes):
@@ -275,7 +275,7 @@ def rms_case(tokens: int, hidden: int, dtype: str, *, residual: bool, weight: bo
                 moved, "residual" if residual else "")
 
 
-def _rms_cases(shapes: Iterable[tuple[int, int]], dtype: str) -> list[Case]:
+def _rms_cases(shapes: Iterable[tuple[int, ...]], dtype: str) -> list[Case]:
     return [rms_case(t, h, dtype, residual=r, weight=w, strided=s)
             for t, h in shapes for r in (False, True) for w in (True, False)
             for s in (False, True)]
@@ -333,13 +333,14 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_size: int, rotary_dim
     return Case("rotary_embedding", name, dtype, build, "none", moved)
 
 
-def _rope_cases(shapes: Iterable[tuple[int, int, int, int]], dtype: str,
+def _rope_cases(shapes: Iterable[tuple[int, ...]], dtype: str,
                 max_position: int) -> list[Case]:
     cases = []
     for i, (t, h, kv, hs) in enumerate(shapes):
         full, part = hs, hs // 2
 
-        def case(rd: int, **kw: Any) -> Case:
+        def case(rd: int, t: int = t, h: int = h, kv: int = kv, hs: int = hs,
+                 **kw: Any) -> Case:
             return rope_case(t, h, kv, hs, rd, dtype, max_position=max_position, **kw)
 
         for is_neox in (True, False):

@@ -57,7 +57,7 @@ def topk_softmax_case(tokens: int, experts: int, k: int, dtype: str, *, renormal
         }
 
     return Case("topk_softmax", name, dtype, build, "none",
-                tokens * experts * _size(dtype) + tokens * k * 12, f"E{experts}")
+                tokens * experts * _size(dtype) + tokens * k * 12)
 
 
 def grouped_topk_case(tokens: int, experts: int, groups: int, keep: int, k: int, dtype: str,
@@ -85,7 +85,7 @@ def grouped_topk_case(tokens: int, experts: int, groups: int, keep: int, k: int,
                 "scoring_func": scoring_func}
 
     return Case("grouped_topk", name, dtype, build, "new",
-                tokens * experts * _size(dtype) + tokens * k * 8, f"E{experts}")
+                tokens * experts * _size(dtype) + tokens * k * 8)
 
 
 # --------------------------------------------------------------------------- alignment
@@ -95,15 +95,25 @@ def _padded(numel: int, experts: int, block: int) -> int:
 
 
 def align_canonical(args: dict[str, Any]) -> None:
-    """Sort each block of ``sorted_token_ids`` (order inside an expert is unspecified) and
-    zero ``experts_ids`` past the used blocks (never read; vLLM leaves them unwritten)."""
+    """Zero ``experts_ids`` past the used blocks (never read; vLLM leaves them unwritten) and
+    sort ``sorted_token_ids`` inside each expert's segment (the run of blocks of one expert):
+    the order of an expert's tokens is unspecified, and with more tokens than a block they
+    may sit in any of its blocks (vLLM's atomic kernel), so only the segment's multiset is
+    fixed. Slots past the used blocks must hold the pad value and are left as they are."""
     bs = args["block_size"]
     ids = args["sorted_token_ids"]
-    n = ids.numel() // bs * bs
-    ids[:n].copy_(ids[:n].view(-1, bs).sort(dim=1).values.view(-1))
+    experts = args["experts_ids"]
     used = args["num_tokens_post_pad"].reshape(-1)[:1].long() // bs
-    blocks = torch.arange(args["experts_ids"].numel(), device=ids.device)
-    args["experts_ids"].masked_fill_(blocks >= used, 0)
+    blocks = torch.arange(experts.numel(), device=ids.device)
+    experts.masked_fill_(blocks >= used, 0)
+    n = min(ids.numel() // bs, experts.numel()) * bs
+    if n == 0:
+        return
+    change = torch.ones(n // bs, dtype=torch.long, device=ids.device)
+    change[1:] = (experts[1:n // bs] != experts[:n // bs - 1]).long()
+    segment = (change.cumsum(0) - 1).repeat_interleave(bs)
+    key = segment * (2**33) + ids[:n].long()
+    ids[:n].copy_(ids[:n][key.argsort()])
 
 
 def align_case(tokens: int, experts: int, k: int, block: int, *, routing: str = "random",
@@ -142,7 +152,7 @@ def align_case(tokens: int, experts: int, k: int, block: int, *, routing: str = 
                 "expert_map": emap}
 
     return Case("moe_align_block_size", name, "int32", build, "none",
-                numel * 4 + padded * 4, f"E{experts}", canonical=align_canonical)
+                numel * 4 + padded * 4, canonical=align_canonical)
 
 
 def moe_sum_case(tokens: int, k: int, hidden: int, dtype: str) -> Case:
@@ -156,7 +166,7 @@ def moe_sum_case(tokens: int, k: int, hidden: int, dtype: str) -> Case:
         return {"input": x, "output": out}
 
     return Case("moe_sum", name, dtype, build, "none",
-                tokens * (k + 1) * hidden * _size(dtype), f"k{k}")
+                tokens * (k + 1) * hidden * _size(dtype))
 
 
 # --------------------------------------------------------------------------- experts
@@ -199,7 +209,7 @@ def experts_case(tokens: int, experts: int, k: int, hidden: int, inter: int, dty
     hit = min(experts, tokens * k)
     weight_bytes = hit * 3 * inter * hidden * _size(dtype)
     return Case("fused_experts", name, dtype, build, "new",
-                weight_bytes + 2 * tokens * hidden * _size(dtype), f"E{experts}",
+                weight_bytes + 2 * tokens * hidden * _size(dtype),
                 flops=2 * tokens * k * 3 * inter * hidden)
 
 
@@ -235,7 +245,7 @@ def mla_case(batch: int, s_q: int, heads: int, mean_len: int, dtype: str, *,
     total = int(lens.sum())
     es = _size(dtype)
     moved = total * d * es + batch * s_q * heads * (d + dv) * es
-    return Case("flash_mla", name, dtype, build, "new", moved, f"h{heads}",
+    return Case("flash_mla", name, dtype, build, "new", moved,
                 flops=2 * heads * s_q * total * (d + dv))
 
 

@@ -37,6 +37,7 @@ class Measurement:
     status: str = "ok"
     us: float | None = None
     gbs: float | None = None
+    tflops: float | None = None
     pct_copy: float | None = None
     ratio_to_best_other: float | None = None
     note: str = ""
@@ -117,6 +118,8 @@ def measure(case: Case, impl: Impl, device: torch.device, timer: Timer,
         return m
     m.us = seconds * 1e6
     m.gbs = case.bytes_moved / seconds / 1e9
+    if case.flops:
+        m.tflops = case.flops / seconds / 1e12
     bad = _nonfinite(inputs)
     if bad:  # in-place ops replayed many times must stay finite, or the timing is suspect
         m.note = f"non-finite values in {', '.join(bad)} after timing"

@@ -20,15 +20,16 @@ def _num(value: float | None, fmt: str) -> str:
 
 def format_table(result: BenchResult) -> str:
     """The results, one line per impl and size, grouped by op case and size."""
-    header = ("op", "tokens", "impl", "us", "GB/s", "% copy", "vs best other", "note")
+    header = ("op", "tokens", "impl", "us", "GB/s", "TFLOP/s", "% copy", "vs best other",
+              "note")
     rows = []
     for m in result.measurements:
         ratio = "-" if m.ratio_to_best_other is None else f"{m.ratio_to_best_other:.3g}x"
         us = _num(m.us, ".2f") if m.status == "ok" else m.status.upper()
         rows.append((m.case, str(m.tokens), m.impl, us, _num(m.gbs, ".1f"),
-                     _num(m.pct_copy, ".0f"), ratio, m.note))
+                     _num(m.tflops, ".1f"), _num(m.pct_copy, ".0f"), ratio, m.note))
     widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
-    right = {1, 3, 4, 5, 6}
+    right = {1, 3, 4, 5, 6, 7}
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)

@@ -21,6 +21,7 @@ from .bench_measure import bench
 from .bench_report import format_table, ranking_lines, summary_lines, write_config, write_png
 from .common import ToolError, load, split
 
+
 # --------------------------------------------------------------------------- command
 def parse_sizes(text: str, flag: str) -> list[int]:
     """``"1,16,64"`` as positive ints; ValueError naming ``flag`` and the bad item."""
@@ -54,12 +55,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         decode = parse_sizes(args.decode, "--decode")
         prefill = parse_sizes(args.prefill, "--prefill")
-        dims = Dims(args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_size)
+        dims = Dims(args.hidden, args.intermediate, args.heads, args.kv_heads, args.head_size,
+                    args.experts, args.topk, args.moe_intermediate, args.expert_groups,
+                    args.mla_heads, args.kv_len)
         for name, value in asdict(dims).items():
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: {value} must be positive")
         if dims.head_size % 2:
             raise ValueError(f"--head-size: {dims.head_size} must be even (rotary pairs)")
+        if dims.topk > dims.experts:
+            raise ValueError(f"--topk: {dims.topk} exceeds --experts {dims.experts}")
+        if dims.experts % dims.expert_groups or dims.experts // dims.expert_groups < 2:
+            raise ValueError(f"--expert-groups: {dims.expert_groups} must divide --experts "
+                             f"{dims.experts} into groups of at least 2")
         if args.repeats is not None and args.repeats <= 0:
             raise ValueError(f"--repeats: {args.repeats} must be positive")
         if not decode and not prefill:
@@ -119,6 +127,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--heads", type=int, default=32, help="query heads (rotary)")
     p.add_argument("--kv-heads", type=int, default=8, help="key heads (rotary)")
     p.add_argument("--head-size", type=int, default=128, help="head size (rotary, full)")
+    p.add_argument("--experts", type=int, default=8, help="MoE experts (default: Mixtral's 8)")
+    p.add_argument("--topk", type=int, default=2, help="MoE routes per token")
+    p.add_argument("--moe-intermediate", type=int, default=14336,
+                   help="intermediate size of one expert (fused_experts)")
+    p.add_argument("--expert-groups", type=int, default=4,
+                   help="expert groups of grouped_topk (half of them kept)")
+    p.add_argument("--mla-heads", type=int, default=16,
+                   help="flash_mla query heads (16: DeepSeek with tensor parallel 8)")
+    p.add_argument("--kv-len", type=int, default=4096,
+                   help="flash_mla mean cache length (tokens: the decode batch)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per measurement (default: 20 on CPU, within ~1 s; "
                         "10 graph replays on CUDA)")

@@ -23,7 +23,7 @@ class Loaded:
     ops: list[str] | None
 
     @property
-    def registry(self):  # noqa: ANN201 - Registry (kept out of the import graph of the CLI)
+    def registry(self):
         return self.plugins.registry
 
 

@@ -17,6 +17,7 @@ from fl_dispatch.testing.tolerances import DEFAULT_TOLERANCES
 
 from .common import ToolError, load, split
 
+
 # --------------------------------------------------------------------------- output
 def _fmt_err(err: float | None) -> str:
     return "-" if err is None else f"{err:.3g}"

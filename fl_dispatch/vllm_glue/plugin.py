@@ -16,7 +16,7 @@ from typing import Any
 
 from fl_dispatch.core.config import env_flag
 from fl_dispatch.core.log import get_logger
-from fl_dispatch.core.process import process_identity, process_rank  # noqa: F401 (re-export)
+from fl_dispatch.core.process import process_identity, process_rank
 
 log = get_logger()
 _state: dict[str, Any] = {}
@@ -122,6 +122,11 @@ def _set_up_process(dispatcher: Any) -> None:
     set_tracing(dispatcher)
     report = register_layers(policy.oot_allows, policy.strict.value,
                              dispatcher.registry.ops.values())
+    from .mla import register_mla
+    from .moe import register_moe
+
+    report.replaced += register_moe(dispatcher, policy.oot_allows, policy.strict.value)
+    report.replaced += register_mla(dispatcher, policy.oot_allows, policy.strict.value)
     _state["oot_replaced"] = report.replaced
     register_ir_providers(policy.oot_allows)
     _patch_compile_hash()

@@ -69,7 +69,7 @@ def _check_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                          f"{block_table.dtype} {tuple(block_table.shape)}")
 
 
-@define_op(tolerances=_MLA_TOL)
+@define_op(layer="mla_attention", tolerances=_MLA_TOL)
 def flash_mla(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
