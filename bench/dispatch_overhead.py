@@ -60,13 +60,23 @@ def spare(x, weight, epsilon, residual=None):
     return x
 
 
-try:  # call-site guards: ``f = fast.<op>; try: f(...) except Exception: recover(...)``
-    from fl_dispatch.core.dispatch import fast as _fast_ns
-    from fl_dispatch.core.dispatch import recover as _recover
+# call-site guards: ``f = fast.<op>; try: f(...) except Exception: recover(...)``; public
+# names since the layered package, fl_dispatch.dispatch's before it (so this script also runs
+# against an older tree: bench/dispatch_compare.py)
+CALL_SITE: tuple[object, object] | None
+try:
+    from fl_dispatch import fast as _fast_ns
+    from fl_dispatch import recover as _recover
 
-    CALL_SITE: tuple[object, object] | None = (_fast_ns, _recover)
-except ImportError:  # a dispatcher without them
-    CALL_SITE = None
+    CALL_SITE = (_fast_ns, _recover)
+except ImportError:
+    try:
+        from fl_dispatch.dispatch import fast as _fast_ns  # type: ignore[no-redef]
+        from fl_dispatch.dispatch import recover as _recover  # type: ignore[no-redef]
+
+        CALL_SITE = (_fast_ns, _recover)
+    except ImportError:  # a dispatcher without them
+        CALL_SITE = None
 CALL_SITE_STMT = f"""\
 f = fast_ns.{OP}
 try:
@@ -127,7 +137,10 @@ def median_diff(a: list[float], b: list[float]) -> float:
 def recompute_dispatcher(cache_checks: bool) -> Callable[..., object]:
     """A dispatcher that selects on every call (what the old FL dispatch did); with
     ``cache_checks`` the capability checks run once and only the ordering is recomputed."""
-    from fl_dispatch.core.selection import select_op
+    try:
+        from fl_dispatch.core.selection import select_op
+    except ImportError:  # before the layered package
+        from fl_dispatch.selection import select_op  # type: ignore[no-redef]
 
     dispatcher = fl_dispatch.get_dispatcher()
     policy, registry = dispatcher.policy, dispatcher.registry
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                  "eps": eps}
         stmts = {"direct": "fn(x, w, eps)", "attr": f"ops.{OP}(x, w, eps)",
                  "held": "entry(x, w, eps)"}
-        if CALL_SITE is not None:  # the vLLM glue's pattern (fl_dispatch/torch_ops.py)
+        if CALL_SITE is not None:  # the vLLM glue's pattern (fl_dispatch/vllm_glue/layers.py)
             names.update(fast_ns=CALL_SITE[0], recover=CALL_SITE[1])
             stmts["site"] = CALL_SITE_STMT
         r = measure(stmts, names, args.number, args.repeat)

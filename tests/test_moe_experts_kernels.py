@@ -423,9 +423,17 @@ def test_reference_rejects_bad_activation():
 # ----------------------------------------------------------------------------- configs
 
 def test_configs_table_and_heuristic():
+    from fl_dispatch_flagos.kernels_moe_gemm import ACT_GELU, ACT_GELU_TANH, ACT_SILU
+    from fl_dispatch_flagos.moe_tuned import MEASURED
+
+    assert moe_experts.ACTIVATIONS == {"silu": ACT_SILU, "gelu": ACT_GELU,
+                                       "gelu_tanh": ACT_GELU_TANH}
     c = moe_configs.config(1, 8, 14336, 4096, 2, torch.bfloat16, "NVIDIA H200")
-    assert c["BLOCK_SIZE_M"] == 16 and c["gemm2"]["BLOCK_SIZE_N"] == 128
-    assert c["gemm1"]["BLOCK_SIZE_N"] == 64  # halved: two accumulators
+    # the rows measured on the H200 (moe_tuned.py) win over the vLLM-derived ones
+    assert c == MEASURED[("NVIDIA_H200", 8, 14336, 4096, 2, "bfloat16")][1]
+    c = moe_configs.config(2, 8, 14336, 4096, 2, torch.bfloat16, "NVIDIA H200")
+    assert c["BLOCK_SIZE_M"] == 32 and c["gemm1"]["BLOCK_SIZE_N"] == 32  # vLLM's M=2 row,
+    # BLOCK_N halved: GEMM1 keeps two accumulators (gate and up)
     c = moe_configs.config(5000, 256, 2048, 7168, 8, "bfloat16", "NVIDIA H200 NVL")
     assert c["BLOCK_SIZE_M"] == 128
     h = moe_configs.config(3, 4, 48, 32, 2, torch.float32, None)

@@ -37,6 +37,8 @@ from fl_dispatch.testing.inputs_moe import (
 )
 
 MOE_OPS = ("topk_softmax", "grouped_topk", "moe_align_block_size", "moe_sum")
+GEMS_MOE_OPS = ("topk_softmax", "moe_align_block_size", "moe_sum")
+"""FlagGems' grouped_topk is not registered (it disagreed with vLLM's kernel on the H200)."""
 CPU = torch.device("cpu")
 CUDA_ID = "vendor.cuda"
 GEMS_ID = "default.flagos.flaggems"
@@ -83,13 +85,14 @@ def _quick(registry, op: str, dtypes=("fp32", "fp16", "bf16")) -> list:
 def test_every_impl_registers_with_the_ops_exact_signature(plugins, registry):
     assert not [r.name for r in plugins.errors], [(r.name, r.error) for r in plugins.errors]
     for op, impl_id in ([(op, CUDA_ID) for op in (*MOE_OPS, "fused_experts", "flash_mla")]
-                        + [(op, GEMS_ID) for op in (*MOE_OPS, "fused_experts")]):
+                        + [(op, GEMS_ID) for op in (*GEMS_MOE_OPS, "fused_experts")]):
         impl = registry.impl(op, impl_id)
         assert impl is not None, (op, impl_id)
         spec = registry.ops[op]
         assert not spec.signature_mismatch(impl.fn)
         assert inspect.signature(impl.fn) == inspect.signature(spec.fn), (op, impl_id)
     assert registry.impl("flash_mla", GEMS_ID) is None  # not served: no lse (GAPS)
+    assert registry.impl("grouped_topk", GEMS_ID) is None  # wrong experts on the H200 (GAPS)
     gems = registry.impl("topk_softmax", GEMS_ID)
     assert (gems.kind, gems.priority) == ("flagos", 140)
 
@@ -331,7 +334,7 @@ def gems(monkeypatch):
     flaggems_moe._fused.cache_clear()
 
 
-@pytest.mark.parametrize("op", MOE_OPS)
+@pytest.mark.parametrize("op", GEMS_MOE_OPS)
 def test_flaggems_moe_conformance(gems, registry, op):
     assert registry.impl(op, GEMS_ID).unavailable_reason() is None
     _run(registry, GEMS_ID, _quick(registry, op))
@@ -349,7 +352,9 @@ def test_flaggems_delegation(gems, registry):
     fn(**topk_softmax_case(2, 64, 33, "fp32", renormalize=False).build(CPU))  # topk > 32
     assert len(_called("own.topk_softmax")) == 2
 
-    g = registry.impl("grouped_topk", GEMS_ID).fn
+    from fl_dispatch_flagos import flaggems_moe
+
+    g = flaggems_moe.grouped_topk  # the adapter, kept unregistered
     args = grouped_topk_case(3, 64, 8, 4, 6, "fp32").build(CPU)  # topk 6: not a power of 2
     g(**args)
     assert _called("own.grouped_topk") and not _called("flag_gems.grouped_topk")

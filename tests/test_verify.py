@@ -20,7 +20,8 @@ PLUGINS = ROOT / "tests" / "plugins"
 OFFBY = "vendor.brokenvendor.offby"
 CONTIGUOUS = "vendor.brokenvendor.contiguous"
 IGNOREOUT = "vendor.brokenvendor.ignoreout"
-TENSOR_OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding"}
+TENSOR_OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding", "topk_softmax",
+              "grouped_topk", "moe_align_block_size", "moe_sum", "fused_experts", "flash_mla"}
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -56,7 +57,7 @@ def test_reference_passes_every_case() -> None:
     assert data["ok"] and data["summary"]["failed"] == 0
     assert {r["op"] for r in rows} == TENSOR_OPS | {"attention_backend"}
     assert all(r["status"] == "PASS" for r in rows)
-    assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16", "-"}
+    assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16", "int32", "-"}  # align: ints
     cases = " | ".join(r["case"] for r in rows)
     for feature in ("x:strided", "out:strided", "residual", "weight=None", "strided",
                     "key=None", "gptj", "neox", "rot=32", "cache:same", "cache:fp32", "3d"):

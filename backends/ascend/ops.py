@@ -70,5 +70,15 @@ def rotary_embedding(
                                              is_neox)
     if cos_sin_cache.dtype != query.dtype:
         cos_sin_cache = cos_sin_cache.to(query.dtype)
-    _npu()._npu_rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    # The kernel rotates whole heads of dense [T, heads * head_size] rows in place (vllm-ascend
+    # passes .contiguous().view(T, -1), and head_size=rotary_dim for partial rotary): hand it
+    # the rotary part as dense rows, then write it back into the caller's (strided) views.
+    num_tokens, rotary_dim = positions.numel(), cos_sin_cache.shape[-1]
+    q_rot = query.view(num_tokens, -1, head_size)[..., :rotary_dim]
+    k_rot = key.view(num_tokens, -1, head_size)[..., :rotary_dim]
+    q = q_rot.reshape(num_tokens, -1).contiguous()
+    k = k_rot.reshape(num_tokens, -1).contiguous()
+    _npu()._npu_rotary_embedding(positions.flatten(), q, k, rotary_dim, cos_sin_cache, is_neox)
+    copy_back(q_rot, q.view(q_rot.shape))
+    copy_back(k_rot, k.view(k_rot.shape))
     return None

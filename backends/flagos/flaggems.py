@@ -162,12 +162,10 @@ GAPS = {
                     "E > 1024 go to our Triton topk_softmax (default.flagos); FlagGems adds "
                     "+1e-8 to the softmax and renormalisation denominators (weights off by "
                     "~1e-8 relative)",
-    "grouped_topk": "default.flagos.flaggems (flag_gems.grouped_topk): bias None becomes "
-                    "zeros of the scores' dtype and the bias is rounded to that dtype; "
-                    "sigmoid, score + bias and the group scores are computed in the scores' "
-                    "dtype (bf16/fp16: near-ties and weights can differ from the fp32 "
-                    "contract); n_group > 32, topk > 32 or not a power of two go to our "
-                    "Triton grouped_topk",
+    "grouped_topk": "default.flagos.flaggems does not serve it: on the H200 (2026-11-30, "
+                    "bench/moe_routing.py) FlagGems 5.0.2's grouped_topk chose other experts "
+                    "than vLLM's _moe_C kernel and the reference in tie-free rows and its "
+                    "weights differed by up to 1.2e-3, where vLLM's and ours agreed exactly",
     "moe_align_block_size": "default.flagos.flaggems (flag_gems.moe_align_block_size_triton):"
                             " expert_map applied after the kernel on the used blocks "
                             "(experts_ids = expert_map[experts_ids], as vLLM's wrapper); ids "

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 
 from .capability import interpreter_enabled
-from .kernels_moe_gemm import ACT_GELU, ACT_GELU_TANH, ACT_SILU
 from .launcher import TritonKernel
 from .moe_configs import config as _tile_config
 
 _PKG = __package__ or "fl_dispatch_flagos"
-ACTIVATIONS = {"silu": ACT_SILU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+"""Activation codes of the GEMM1 epilogue (``kernels_moe_gemm.ACT_*``; not imported here:
+registering must not import Triton)."""
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CLEAN_M = 64
 """Routes per "clean" program of GEMM2 (zeros for routes no aligned block holds)."""

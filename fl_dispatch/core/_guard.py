@@ -7,7 +7,7 @@ the op's own signature, that calls the current impl inside ``try``::
         _fl_f = _fl_dispatch_impl                      # a closure cell: one LOAD_DEREF
         try:
             return _fl_f(x, weight, epsilon, residual)
-        except Exception as _fl_exc:
+        except Exception as _fl_exc:                   # on_failure: a global of the entry
             return _fl_dispatch_on_failure(_fl_f, _fl_exc, (x, weight, epsilon, residual), {})
 
 Why it is written this way (measured, ``bench/dispatch_overhead.py``, docs/performance.md):
@@ -17,6 +17,9 @@ Why it is written this way (measured, ``bench/dispatch_overhead.py``, docs/perfo
 - The impl in a closure cell, not a global or an attribute: a cell read is the cheapest load
   there is, and :func:`make_guard`'s ``swap`` changes it without rebuilding the entry, so the
   callers that hold the entry keep it after a fallback.
+- The impl is the only cell: ``on_failure`` (never swapped) is a global of the entry's own
+  globals dict, read only when something raised. Every closure cell is copied into each call's
+  frame (``COPY_FREE_VARS``): a second cell cost about 2-3 ns a call.
 - A ``try`` block is free in CPython 3.11+ until something raises (zero-cost exceptions).
 - The impl read into a local first, so ``on_failure`` learns which impl raised even when
   another thread swapped the cell in between.
@@ -79,7 +82,7 @@ def make_guard(name: str, signature: Any, impl: Callable[..., Any], on_failure: 
     arg_tuple = "(" + "".join(f"{a}, " for a in packed) + ")"
     kw_dict = "{" + ", ".join(kw_packed) + "}"
     src = (
-        f"def _factory({_IMPL}, {_FAIL}, {', '.join(defaults) or '_unused=None'}):\n"
+        f"def _factory({_IMPL}, {', '.join(defaults) or '_unused=None'}):\n"
         f"    def {name}({', '.join(sig)}):\n"
         f"        _fl_f = {_IMPL}\n"
         f"        try:\n"
@@ -88,9 +91,11 @@ def make_guard(name: str, signature: Any, impl: Callable[..., Any], on_failure: 
         f"            return {_FAIL}(_fl_f, _fl_exc, {arg_tuple}, {kw_dict})\n"
         f"    return {name}\n"
     )
-    scope: dict[str, Any] = {}
+    # on_failure is a global of the entry's own globals dict, not a second closure cell:
+    # each cell costs a copy into every call's frame (COPY_FREE_VARS), about 2-3 ns.
+    scope: dict[str, Any] = {_FAIL: on_failure}
     exec(compile(src, f"<fl_dispatch entry {name}>", "exec"), scope)
-    entry = scope["_factory"](impl, on_failure, **defaults)
+    entry = scope["_factory"](impl, **defaults)
     entry.__doc__ = doc
     cell = entry.__closure__[entry.__code__.co_freevars.index(_IMPL)]
 

@@ -44,6 +44,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             "reason": reason,
             "impls": r.impl_ids,
             "ops_defined": r.op_names,
+            "gaps": dict(r.info.gaps) if r.info else {},
             "error": r.error,
             "traceback": r.traceback,
         })
@@ -60,6 +61,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"{'':<12} {row['description']}")
         if row["impls"]:
             print(f"{'':<12} impls: {', '.join(row['impls'])}")
+        for op, gap in row["gaps"].items():
+            print(f"{'':<12} does not cover, {op}: {gap}")
     return 0
 
 
@@ -82,6 +85,9 @@ def explain_data(policy: Policy, plugins: PluginSet, op: str | None = None) -> d
     names = [op] if op else list(reg.ops)
     checked: dict[tuple[str, str], str | None] = {}
     ops = {n: select_op(n, policy, reg, checked=checked).as_dict() for n in names}
+    for name, sel in ops.items():  # what each backend says it does not cover of this op
+        sel["gaps"] = {r.name: r.info.gaps[name] for r in plugins.records
+                       if r.loaded and r.info is not None and name in r.info.gaps}
     return {
         "platform": {"value": policy.platform.value, "source": policy.platform.source},
         "config": config,
@@ -129,6 +135,8 @@ def _print_explain(data: dict[str, Any]) -> None:
             vendor = f"vendor={c['vendor']}" if c["vendor"] else ""
             print(f"  {mark} {c['impl_id']:<22} {c['kind']:<9} {vendor:<14} "
                   f"prio={c['priority']:<4} {c['reason'] or 'chosen'}")
+        for plugin, gap in sel.get("gaps", {}).items():
+            print(f"     gap ({plugin}): {gap}")
 
 
 # --------------------------------------------------------------------------- check
