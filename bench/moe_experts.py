@@ -79,42 +79,6 @@ def _load_reference():
 
 # ----------------------------------------------------------------------------- torch stand-ins
 
-def torch_moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
-                               experts_ids, num_tokens_post_pad, expert_map=None):
-    """vLLM's moe_align_block_size contract, graph-safe PyTorch (stable order per expert)."""
-    device = topk_ids.device
-    numel = topk_ids.numel()
-    length = sorted_token_ids.numel()
-    flat = topk_ids.reshape(-1).long()
-    valid = (flat >= 0) & (flat < num_experts)
-    bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts = counts[:num_experts]
-    padded = (counts + block_size - 1) // block_size * block_size
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    first = torch.cumsum(counts, 0) - counts
-    order = torch.sort(bucket, stable=True).indices
-    sb = bucket[order]
-    ok = sb < num_experts
-    sbc = torch.where(ok, sb, torch.zeros_like(sb))
-    rank = torch.arange(numel, device=device) - first[sbc]
-    dest = torch.where(ok, starts[sbc] + rank, torch.full_like(rank, length))
-    buf = torch.full((length + 1,), numel, dtype=torch.long, device=device)
-    buf.scatter_(0, dest, order)
-    sorted_token_ids.copy_(buf[:length].to(sorted_token_ids.dtype))
-    total = ends[-1:]
-    num_tokens_post_pad.copy_(total.to(num_tokens_post_pad.dtype))
-    block_start = torch.arange(experts_ids.numel(), device=device) * block_size
-    e = torch.searchsorted(ends, block_start, right=True)
-    inside = block_start < total
-    e = torch.where(inside, e, torch.zeros_like(e)).clamp_(max=num_experts - 1)
-    if expert_map is not None:
-        e = torch.where(inside, expert_map.long()[e], torch.zeros_like(e))
-    experts_ids.copy_(e.to(experts_ids.dtype))
-
-
 def torch_moe_sum(inp, out):
     torch.sum(inp, dim=1, out=out)
 
@@ -458,9 +422,9 @@ def main(argv=None):
         me._sum = routing.moe_sum
         align_note = "alignment/sum: fl_dispatch_flagos.moe_routing"
     else:
-        me._align = torch_moe_align_block_size
+        me._align = _load_reference().moe_align_block_size
         me._sum = torch_moe_sum
-        align_note = "alignment/sum: PyTorch stand-ins (moe_routing not importable)"
+        align_note = "alignment/sum: the PyTorch reference (moe_routing not importable)"
     dev = torch.cuda.get_device_name()
     log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; {align_note}"
         + (f"; {note}" if note else ""))

@@ -23,6 +23,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter on the CPU, its compiler on a GPU (``FL_FLAGOS_TEST_DEVICE`` names
+    the kernel tests' device), for the tests of a kernel module alone: such a module uses it
+    with ``pytestmark = pytest.mark.usefixtures("triton_mode")``."""
+    if os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu") != "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
 def test_plugins(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Put tests/plugins on sys.path (for VLLM_FL_PLUGIN_MODULES=fl_test_...)."""
     monkeypatch.syspath_prepend(str(PLUGINS_DIR))

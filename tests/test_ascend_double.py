@@ -291,3 +291,23 @@ def test_kernel_argument_order_as_documented(torch_npu_double, registry):
     (call,) = _calls("npu_swiglu")
     assert call["dim"] == -1
     torch.testing.assert_close(out, (F.silu(x[:, :4].float()) * x[:, 4:].float()).bfloat16())
+
+
+def test_rms_norm_weight_in_another_dtype_is_served_by_the_reference(torch_npu_double,
+                                                                    registry):
+    """The kernels take gamma only in the input's dtype (documented): a weight in another
+    dtype (the op allows it) is delegated to the reference, never raised on."""
+    from fl_dispatch import reference
+
+    fn = registry.impl("rms_norm", ASCEND).fn
+    torch.manual_seed(2)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    residual = torch.randn(4, 16, dtype=torch.bfloat16)
+    w = torch.randn(16)  # fp32 weight, bf16 activations
+    assert torch.equal(fn(x, w, 1e-6), reference("rms_norm")(x, w, 1e-6))
+    xs, rs, xr, rr = x.clone(), residual.clone(), x.clone(), residual.clone()
+    out = fn(xs, w, 1e-6, rs)
+    reference("rms_norm")(xr, w, 1e-6, rr)
+    assert out[0] is xs and out[1] is rs
+    assert torch.equal(xs, xr) and torch.equal(rs, rr)
+    assert npu_double.CALLS == []  # the kernels were never reached

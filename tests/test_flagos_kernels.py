@@ -1,9 +1,10 @@
 """Our Triton kernels (the flagos backend) against the reference backend, on fresh inputs.
 
-CPU (CI): the kernels run in Triton's interpreter. ``TRITON_INTERPRET=1`` is set by an autouse
-fixture for each test of this module only: Triton reads the variable when a kernel is decorated
-(our launcher decorates on first launch, per mode) and when it is launched, never at import,
-so other test modules in the same process keep their own environment.
+CPU (CI): the kernels run in Triton's interpreter. ``TRITON_INTERPRET=1`` is set by the
+``triton_mode`` fixture (conftest.py) for each test of this module only: Triton reads the
+variable when a kernel is decorated (our launcher decorates on first launch, per mode) and
+when it is launched, never at import, so other test modules in the same process keep their
+own environment.
 GPU: ``FL_FLAGOS_TEST_DEVICE=cuda python -m pytest tests/test_flagos_kernels.py`` runs the same
 tests compiled on CUDA tensors, plus the cached-launcher checks.
 """
@@ -22,21 +23,12 @@ from fl_dispatch_flagos import capability, flaggems
 import fl_dispatch.core.ops as ref
 from fl_dispatch.testing.tolerances import tolerance
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_mode")]
 
 DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Interpreter on CPU, compiler on the GPU, for this module's tests only."""
-    if ON_GPU:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _ops():

@@ -1,7 +1,7 @@
 """``flash_mla`` (MLA decode over a paged latent KV cache): the reference, then our Triton kernels.
 
-CPU (CI): the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set by an autouse
-fixture for this module only, as in ``test_flagos_kernels.py``). GPU:
+CPU (CI): the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set by the
+``triton_mode`` fixture of conftest.py for this module only). GPU:
 ``FL_FLAGOS_TEST_DEVICE=cuda python -m pytest tests/test_mla_kernels.py`` compiles them.
 
 Ground truth: ``fl_dispatch/core/ops/mla.py`` (fp32), itself checked first against
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_mode")]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
@@ -60,14 +60,6 @@ def _mla():
     from fl_dispatch_flagos import mla
 
     return mla
-
-
-@pytest.fixture(autouse=True)
-def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    if ON_GPU:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 TOL = {  # dtype -> (out abs, out rel); lse: (1e-6, 8.01/65536) except fp32

@@ -1,9 +1,9 @@
 """``fused_experts`` on our Triton kernels (flagos backend) against the PyTorch reference.
 
-CPU (CI): the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set per test by an
-autouse fixture, as in ``test_flagos_kernels.py``). The dispatched alignment and sum
-(``moe_experts._align``/``_sum``) are monkeypatched with the graph-safe PyTorch versions
-below: the real ones are another backend's business.
+CPU (CI): the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set per test by the
+``triton_mode`` fixture of ``conftest.py``). The dispatched alignment and sum
+(``moe_experts._align``/``_sum``) are monkeypatched with graph-safe PyTorch versions (the
+op's reference for the alignment): the real ones are another backend's business.
 
 Tolerances: the kernels and the reference round at the same points (GEMM1 result, act, act*up,
 weighted GEMM2 result, the sum), so differences come from fp32 summation order inside the
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_mode")]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,44 +68,9 @@ REF = _load_reference()
 
 
 # ----------------------------------------------------------------------------- torch stand-ins
-
-def torch_moe_align_block_size(topk_ids, num_experts, block_size, sorted_token_ids,
-                               experts_ids, num_tokens_post_pad, expert_map=None):
-    """vLLM's moe_align_block_size contract in PyTorch, without host synchronisation:
-    routes grouped per expert (stable order), each segment padded to a multiple of
-    block_size with the pad value numel; ids outside [0, num_experts) skipped; one expert per
-    block, mapped through expert_map (-1 = not local); blocks past the end are 0."""
-    device = topk_ids.device
-    numel = topk_ids.numel()
-    length = sorted_token_ids.numel()
-    flat = topk_ids.reshape(-1).long()
-    valid = (flat >= 0) & (flat < num_experts)
-    bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts = counts[:num_experts]
-    padded = (counts + block_size - 1) // block_size * block_size
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    first = torch.cumsum(counts, 0) - counts
-    order = torch.sort(bucket, stable=True).indices
-    sb = bucket[order]
-    ok = sb < num_experts
-    sbc = torch.where(ok, sb, torch.zeros_like(sb))
-    rank = torch.arange(numel, device=device) - first[sbc]
-    dest = torch.where(ok, starts[sbc] + rank, torch.full_like(rank, length))
-    buf = torch.full((length + 1,), numel, dtype=torch.long, device=device)
-    buf.scatter_(0, dest, order)
-    sorted_token_ids.copy_(buf[:length].to(sorted_token_ids.dtype))
-    total = ends[-1:]
-    num_tokens_post_pad.copy_(total.to(num_tokens_post_pad.dtype))
-    block_start = torch.arange(experts_ids.numel(), device=device) * block_size
-    e = torch.searchsorted(ends, block_start, right=True)
-    inside = block_start < total
-    e = torch.where(inside, e, torch.zeros_like(e)).clamp_(max=num_experts - 1)
-    if expert_map is not None:
-        e = torch.where(inside, expert_map.long()[e], torch.zeros_like(e))
-    experts_ids.copy_(e.to(experts_ids.dtype))
+# The dispatched alignment is replaced by the op's PyTorch reference (graph-safe; stable order
+# within an expert), the dispatched sum by a PyTorch sum.
+torch_moe_align_block_size = REF.moe_align_block_size
 
 
 def torch_moe_sum(inp, out):
@@ -113,11 +78,7 @@ def torch_moe_sum(inp, out):
 
 
 @pytest.fixture(autouse=True)
-def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    if ON_GPU:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def torch_standins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(moe_experts, "_align", torch_moe_align_block_size)
     monkeypatch.setattr(moe_experts, "_sum", torch_moe_sum)
 

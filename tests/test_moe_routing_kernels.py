@@ -2,9 +2,9 @@
 PyTorch reference (fl_dispatch/core/ops/moe.py), and the reference against vLLM's
 own PyTorch paths where vLLM's semantics promise the same result.
 
-CPU (CI): the kernels run in Triton's interpreter; ``TRITON_INTERPRET=1`` is set by an autouse
-fixture for this module's tests only (Triton reads it when a kernel is decorated and
-launched, never at import), as tests/test_flagos_kernels.py does.
+CPU (CI): the kernels run in Triton's interpreter; ``TRITON_INTERPRET=1`` is set by the
+``triton_mode`` fixture (conftest.py) for this module's tests only (Triton reads it when a
+kernel is decorated and launched, never at import).
 GPU: ``FL_FLAGOS_TEST_DEVICE=cuda python -m pytest tests/test_moe_routing_kernels.py``.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_mode")]
 
 DEVICE = os.environ.get("FL_FLAGOS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
@@ -30,14 +30,6 @@ def _load_reference():
 
 
 ref = _load_reference()
-
-
-@pytest.fixture(autouse=True)
-def triton_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    if ON_GPU:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _mr():

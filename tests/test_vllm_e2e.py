@@ -30,14 +30,22 @@ def model(tmp_path_factory) -> Path:
     return build_model("llama", root=tmp_path_factory.mktemp("models"))
 
 
+def run_env() -> dict[str, str]:
+    """The environment of a vLLM run: this one without fl-dispatch's, the interpreter's and
+    FlagGems' variables, with debug logging and the test plugins (``e2e_plugins``) importable.
+    The e2e test modules (this one, ``test_vllm_moe``, ``test_vllm_mla``) add their own."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VLLM_FL_", "TRITON_INTERPRET", "USE_FLAGGEMS"))}
+    env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_FL_DISPATCH_DEBUG="1",
+               PYTHONPATH=os.pathsep.join([PLUGINS, env.get("PYTHONPATH", "")]))
+    return env
+
+
 def generate(name: str, model: Path, tmp_path_factory, *, eager: bool = True, tp: int = 1,
              **env_extra: str) -> dict:
     """Run (once per name) a generation with ``env_extra`` on top of a clean environment."""
     if name not in _runs:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("VLLM_FL_", "TRITON_INTERPRET", "USE_FLAGGEMS"))}
-        env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_FL_DISPATCH_DEBUG="1",
-                   PYTHONPATH=os.pathsep.join([PLUGINS, env.get("PYTHONPATH", "")]))
+        env = run_env()
         if tp > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1))
                                                         for i in range(tp))

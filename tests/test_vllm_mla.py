@@ -13,12 +13,11 @@ end-to-end runs let the test backend ``vendor.mlapick`` (tests/e2e_plugins) make
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
-from test_vllm_e2e import PLUGINS, PROMPTS, deltas, selection_lines
+from test_vllm_e2e import PROMPTS, deltas, run_env, selection_lines
 from test_vllm_integration import run
 
 from fl_dispatch.tools.demo import run_generation
@@ -149,11 +148,7 @@ def generate(name: str, model: Path, tmp_path_factory, *, eager: bool = True,
     (a float32 MLA model must, on AMX CPUs); runs meant to use our backend name none, so that
     the attention_backend op decides."""
     if name not in _runs:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("VLLM_FL_", "TRITON_INTERPRET", "USE_FLAGGEMS"))}
-        env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_FL_DISPATCH_DEBUG="1",
-                   PYTHONPATH=os.pathsep.join([PLUGINS, env.get("PYTHONPATH", "")]))
-        env.update(env_extra)
+        env = {**run_env(), **env_extra}
         options = run_options(FAMILY)
         if not user_backend:
             options.pop("attention_backend", None)

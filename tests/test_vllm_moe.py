@@ -12,11 +12,10 @@ interpreter (DeepSeek-V3 style, eager).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from test_vllm_e2e import PLUGINS, deltas, selection_lines
+from test_vllm_e2e import deltas, run_env, selection_lines
 
 from fl_dispatch.tools.demo import run_generation
 from fl_dispatch.tools.demo_model import build_model, run_options
@@ -42,11 +41,7 @@ def generate(family: str, mode: str, tmp_path_factory, *, eager: bool = True,
     """Run (once per family and mode) a generation with ``env_extra`` on a clean environment."""
     name = f"{family}-{mode}-{'eager' if eager else 'compiled'}"
     if name not in _runs:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("VLLM_FL_", "TRITON_INTERPRET", "USE_FLAGGEMS"))}
-        env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_FL_DISPATCH_DEBUG="1",
-                   PYTHONPATH=os.pathsep.join([PLUGINS, env.get("PYTHONPATH", "")]))
-        env.update(env_extra)
+        env = {**run_env(), **env_extra}
         request = {"model": str(model(family, tmp_path_factory)), "eager": eager,
                    "max_tokens": MAX_TOKENS, "prompts": PROMPTS, **run_options(family)}
         log = tmp_path_factory.mktemp("logs") / f"{name}.log"

@@ -21,7 +21,12 @@ def fl_dispatch_backend_info() -> BackendInfo:
     return BackendInfo(VENDOR, "torch_npu kernels for Ascend NPUs (never run on an NPU here)",
                        unavailable_reason,
                        gaps={"rotary_embedding": "key=None is delegated to the reference "
-                                                 "(torch_npu's kernel needs a key)"})
+                                                 "(torch_npu's kernel needs a key); strided, "
+                                                 "3-D and partial-rotary q/k go through dense "
+                                                 "copies written back",
+                             "rms_norm": "a weight in another dtype than x is delegated to "
+                                         "the reference (torch_npu takes gamma in x's "
+                                         "dtype only)"})
 
 
 @hookimpl

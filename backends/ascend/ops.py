@@ -46,6 +46,8 @@ def rms_norm(
     epsilon: float,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if weight is not None and weight.dtype != x.dtype:  # the kernels take gamma in x's dtype
+        return reference("rms_norm")(x, weight, epsilon, residual)  # (never raise: it demotes)
     npu = _npu()
     w = weight_or_ones(weight, x)
     if residual is None:

@@ -27,13 +27,13 @@ scheduler skips, whose output buffer is uninitialised).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
-from fl_dispatch import ImplTable, reference
-from fl_dispatch.core.ops.mla import _check_mla
+from fl_dispatch import ImplTable, checked, reference
+
+from .ops import load_extension
 
 LIBRARY_ENV = "FL_DISPATCH_FLASHMLA_C"
 """Path of FlashMLA's ``_flashmla_C.abi3.so`` to load when ``vllm._flashmla_C`` is absent."""
@@ -73,23 +73,9 @@ def _has_op() -> bool:
 def load_flashmla() -> str | None:
     """Make ``torch.ops._flashmla_C`` available: ``import vllm._flashmla_C``, else the library
     at ``$FL_DISPATCH_FLASHMLA_C``. None on success, else why not."""
-    if _has_op():
+    errors = load_extension("vllm._flashmla_C", LIBRARY_ENV, _has_op)
+    if not errors:
         return None
-    errors = []
-    try:
-        import vllm._flashmla_C  # noqa: F401
-    except Exception as exc:
-        errors.append(f"import vllm._flashmla_C: {type(exc).__name__}: {exc}")
-    path = os.environ.get(LIBRARY_ENV)
-    if path and not _has_op():
-        try:
-            torch.ops.load_library(path)
-        except Exception as exc:
-            errors.append(f"{LIBRARY_ENV}={path}: {type(exc).__name__}: {exc}")
-    if _has_op():
-        return None
-    if not path:
-        errors.append(f"{LIBRARY_ENV} not set")
     return (f"FlashMLA (torch.ops._flashmla_C.{OP}) is not loadable (" + "; ".join(errors)
             + ")")
 
@@ -138,16 +124,10 @@ def lonely_queries(cache_seqlens: torch.Tensor, s_q: int, causal: bool) -> torch
 
 
 @impls.impl()
-def flash_mla(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    softmax_scale: float,
-    causal: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_mla(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+@checked
+def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+              cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
+              causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     b, s_q, _, d = q.shape
     block_size = kv_cache.shape[1]
     if q.dtype not in _DTYPES or d not in HEAD_DIMS or head_dim_v != HEAD_DIM_V or \

@@ -34,19 +34,14 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from fl_dispatch import ImplTable, reference
-from fl_dispatch.core.ops.moe import (
-    _check_align,
-    _check_experts,
-    _check_grouped,
-    _check_topk_softmax,
-)
+from fl_dispatch import ImplTable, checked, reference
+
+from .ops import load_extension
 
 LIBRARY_ENV = "FL_DISPATCH_VLLM_MOE_C"
 """Path of a vLLM ``_moe_C`` library to load when ``vllm._moe_C`` is not importable."""
@@ -85,23 +80,9 @@ def _has_ops() -> bool:
 def load_moe_ops() -> str | None:
     """Make ``torch.ops._moe_C`` available: ``import vllm._moe_C``, else the library at
     ``$FL_DISPATCH_VLLM_MOE_C``. None on success, else why not."""
-    if _has_ops():
+    errors = load_extension("vllm._moe_C", LIBRARY_ENV, _has_ops)
+    if not errors:
         return None
-    errors = []
-    try:
-        import vllm._moe_C  # noqa: F401
-    except Exception as exc:  # ImportError, or a CPU-only build
-        errors.append(f"import vllm._moe_C: {type(exc).__name__}: {exc}")
-    path = os.environ.get(LIBRARY_ENV)
-    if path and not _has_ops():
-        try:
-            torch.ops.load_library(path)
-        except Exception as exc:
-            errors.append(f"{LIBRARY_ENV}={path}: {type(exc).__name__}: {exc}")
-    if _has_ops():
-        return None
-    if not path:
-        errors.append(f"{LIBRARY_ENV} not set")
     return "vLLM's MoE ops (torch.ops._moe_C) are not loadable (" + "; ".join(errors) + ")"
 
 
@@ -168,15 +149,11 @@ def _target(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 # ----------------------------------------------------------------------------- routing
 @impls.impl(check=_op_check("topk_softmax"))
-def topk_softmax(
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    token_expert_indices: torch.Tensor,
-    gating_output: torch.Tensor,
-    renormalize: bool = False,
-    e_score_correction_bias: torch.Tensor | None = None,
-) -> None:
-    _check_topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output)
+@checked
+def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 token_expert_indices: torch.Tensor, gating_output: torch.Tensor,
+                 renormalize: bool = False, e_score_correction_bias: torch.Tensor | None = None,
+                 ) -> None:
     num_tokens, num_experts = gating_output.shape
     bias = e_score_correction_bias
     if gating_output.dtype not in _FLOATS or token_expert_indices.dtype != torch.int32 or \
@@ -199,24 +176,16 @@ def topk_softmax(
 
 
 @impls.impl(check=_op_check("grouped_topk"))
-def grouped_topk(
-    scores: torch.Tensor,
-    num_expert_group: int,
-    topk_group: int,
-    topk: int,
-    renormalize: bool,
-    routed_scaling_factor: float,
-    bias: torch.Tensor | None,
-    scoring_func: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if scores.dim() != 2 or scores.dtype not in _FLOATS or scoring_func not in (0, 1) or \
-            num_expert_group > GROUPED_TOPK_MAX or topk > GROUPED_TOPK_MAX or \
-            (bias is not None and bias.numel() != scores.shape[1]):
+@checked
+def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, topk: int,
+                 renormalize: bool, routed_scaling_factor: float, bias: torch.Tensor | None,
+                 scoring_func: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    if scores.dtype not in _FLOATS or num_expert_group > GROUPED_TOPK_MAX or \
+            topk > GROUPED_TOPK_MAX or (bias is not None and bias.numel() != scores.shape[1]):
         return reference("grouped_topk")(scores, num_expert_group, topk_group, topk,
                                          renormalize, routed_scaling_factor, bias,
                                          scoring_func)
     num_tokens, num_experts = scores.shape
-    _check_grouped(num_experts, num_expert_group, topk_group, topk)
     if num_tokens == 0:
         return (torch.empty((0, topk), dtype=torch.float32, device=scores.device),
                 torch.empty((0, topk), dtype=torch.int32, device=scores.device))
@@ -250,17 +219,11 @@ def apply_expert_map(experts_ids: torch.Tensor, num_tokens_post_pad: torch.Tenso
 
 
 @impls.impl(check=_op_check("moe_align_block_size"))
-def moe_align_block_size(
-    topk_ids: torch.Tensor,
-    num_experts: int,
-    block_size: int,
-    sorted_token_ids: torch.Tensor,
-    experts_ids: torch.Tensor,
-    num_tokens_post_pad: torch.Tensor,
-    expert_map: torch.Tensor | None = None,
-) -> None:
-    _check_align(topk_ids, num_experts, block_size, sorted_token_ids, experts_ids,
-                 num_tokens_post_pad)
+@checked
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int,
+                         sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+                         num_tokens_post_pad: torch.Tensor,
+                         expert_map: torch.Tensor | None = None) -> None:
     padded_experts = -(-num_experts // 32) * 32
     if padded_experts >= ALIGN_MAX_PADDED_EXPERTS or not sorted_token_ids.is_contiguous() or \
             not experts_ids.is_contiguous() or \
@@ -323,19 +286,11 @@ def fused_experts_unavailable_reason() -> str | None:
 
 
 @impls.impl(check=fused_experts_unavailable_reason)
-def fused_experts(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    global_num_experts: int = -1,
-    expert_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    _check_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                   apply_router_weight_on_input)
+@checked
+def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
+                  apply_router_weight_on_input: bool = False, global_num_experts: int = -1,
+                  expert_map: torch.Tensor | None = None) -> torch.Tensor:
     fn, act_type, _ = _vllm_fused_experts()
     num_local = w1.shape[0]
     if fn is None or hidden_states.dtype not in _FLOATS:

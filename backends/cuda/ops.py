@@ -7,7 +7,9 @@ back so the in-place and out-parameter contracts hold for strided views too.
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -47,6 +49,30 @@ def load_vllm_ops() -> str | None:
     if hasattr(torch.ops._C, "rms_norm"):
         return None
     return "vLLM's CUDA ops are not loadable (" + "; ".join(errors or ["not found"]) + ")"
+
+
+def load_extension(module: str, env: str, loaded: Callable[[], bool]) -> list[str]:
+    """Make a vLLM extension's ``torch.ops`` available: ``import <module>``, else
+    ``torch.ops.load_library($<env>)``. ``[]`` once ``loaded()``, else why not (one entry per
+    attempt, and that ``env`` is not set)."""
+    if loaded():
+        return []
+    errors = []
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a CPU-only build
+        errors.append(f"import {module}: {type(exc).__name__}: {exc}")
+    path = os.environ.get(env)
+    if path and not loaded():
+        try:
+            torch.ops.load_library(path)
+        except Exception as exc:
+            errors.append(f"{env}={path}: {type(exc).__name__}: {exc}")
+    if loaded():
+        return []
+    if not path:
+        errors.append(f"{env} not set")
+    return errors
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:

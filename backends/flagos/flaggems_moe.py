@@ -35,14 +35,10 @@ from typing import Any
 
 import torch
 
-from fl_dispatch.core.ops.moe import (
-    _check_align,
-    _check_experts,
-    _check_grouped,
-    _check_topk_softmax,
-)
+from fl_dispatch import checked
 
 from .flaggems import impls
+from .moe_routing import write_contiguous
 
 TOPK_MAX = 32
 """FlagGems topk_softmax: ``assert topk <= 32``; grouped_topk: ``n_group``/``topk`` <= 32."""
@@ -75,20 +71,12 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _target(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    return (t, False) if t.is_contiguous() else (t.contiguous(), True)
-
-
 @impls.impl()
-def topk_softmax(
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    token_expert_indices: torch.Tensor,
-    gating_output: torch.Tensor,
-    renormalize: bool = False,
-    e_score_correction_bias: torch.Tensor | None = None,
-) -> None:
-    _check_topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output)
+@checked
+def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 token_expert_indices: torch.Tensor, gating_output: torch.Tensor,
+                 renormalize: bool = False, e_score_correction_bias: torch.Tensor | None = None,
+                 ) -> None:
     num_tokens, num_experts = gating_output.shape
     k = topk_weights.shape[1]
     if e_score_correction_bias is not None or k > TOPK_MAX or \
@@ -98,14 +86,10 @@ def topk_softmax(
                                    gating_output, renormalize, e_score_correction_bias)
     if num_tokens == 0:
         return None
-    w, cw = _target(topk_weights)
-    ids, ci = _target(topk_ids)
-    tei, ct = _target(token_expert_indices)
-    _fused().topk_softmax(w, ids, tei, _contiguous(gating_output), bool(renormalize))
-    for copy, dst, src in ((cw, topk_weights, w), (ci, topk_ids, ids),
-                           (ct, token_expert_indices, tei)):
-        if copy:
-            dst.copy_(src)
+    gating = _contiguous(gating_output)
+    write_contiguous(lambda w, ids, tei: _fused().topk_softmax(w, ids, tei, gating,
+                                                                bool(renormalize)),
+                     topk_weights, topk_ids, token_expert_indices)
     return None
 
 
@@ -113,24 +97,15 @@ def topk_softmax(
 # chose other experts than vLLM's _moe_C kernel and the reference in tie-free rows (T >= 64)
 # and its weights differed by up to 1.2e-3 (docs/results/h200-moe-routing.txt); vLLM's kernel
 # and ours agreed exactly. Kept as an adapter for when that is understood.
-def grouped_topk(
-    scores: torch.Tensor,
-    num_expert_group: int,
-    topk_group: int,
-    topk: int,
-    renormalize: bool,
-    routed_scaling_factor: float,
-    bias: torch.Tensor | None,
-    scoring_func: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (scores, num_expert_group, topk_group, topk, renormalize, routed_scaling_factor,
-            bias, scoring_func)
-    if scores.dim() != 2 or scores.dtype not in _FLOATS or scoring_func not in (0, 1) or \
-            num_expert_group > TOPK_MAX or topk > TOPK_MAX or topk & (topk - 1) or \
-            (bias is not None and bias.numel() != scores.shape[1]):
-        return _own().grouped_topk(*args)
+@checked
+def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, topk: int,
+                 renormalize: bool, routed_scaling_factor: float, bias: torch.Tensor | None,
+                 scoring_func: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    if scores.dtype not in _FLOATS or num_expert_group > TOPK_MAX or topk > TOPK_MAX or \
+            topk & (topk - 1) or (bias is not None and bias.numel() != scores.shape[1]):
+        return _own().grouped_topk(scores, num_expert_group, topk_group, topk, renormalize,
+                                   routed_scaling_factor, bias, scoring_func)
     num_tokens, num_experts = scores.shape
-    _check_grouped(num_experts, num_expert_group, topk_group, topk)
     if num_tokens == 0:
         return (torch.empty((0, topk), dtype=torch.float32, device=scores.device),
                 torch.empty((0, topk), dtype=torch.int32, device=scores.device))
@@ -156,17 +131,11 @@ def apply_expert_map(experts_ids: torch.Tensor, num_tokens_post_pad: torch.Tenso
 
 
 @impls.impl()
-def moe_align_block_size(
-    topk_ids: torch.Tensor,
-    num_experts: int,
-    block_size: int,
-    sorted_token_ids: torch.Tensor,
-    experts_ids: torch.Tensor,
-    num_tokens_post_pad: torch.Tensor,
-    expert_map: torch.Tensor | None = None,
-) -> None:
-    _check_align(topk_ids, num_experts, block_size, sorted_token_ids, experts_ids,
-                 num_tokens_post_pad)
+@checked
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int,
+                         sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+                         num_tokens_post_pad: torch.Tensor,
+                         expert_map: torch.Tensor | None = None) -> None:
     if topk_ids.numel() == 0 or num_experts >= ALIGN_MAX_EXPERTS or \
             not sorted_token_ids.is_contiguous() or not experts_ids.is_contiguous() or \
             (expert_map is not None and expert_map.numel() < num_experts):
@@ -203,19 +172,11 @@ def moe_sum(input: torch.Tensor, output: torch.Tensor) -> None:
 
 
 @impls.impl()
-def fused_experts(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    global_num_experts: int = -1,
-    expert_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    _check_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                   apply_router_weight_on_input)
+@checked
+def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
+                  apply_router_weight_on_input: bool = False, global_num_experts: int = -1,
+                  expert_map: torch.Tensor | None = None) -> torch.Tensor:
     num_local = w1.shape[0]
     if expert_map is None:
         covered = global_num_experts in (-1, num_local)  # ids >= E would be read as experts

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fl_dispatch import check_args
+
 from .capability import interpreter_enabled
 from .launcher import TritonKernel
 
@@ -116,36 +118,15 @@ def _bad(name: str, value: Any, valid: str) -> ValueError:
 def check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                  cache_seqlens: torch.Tensor, head_dim_v: int,
                  max_seqlen_k: int | None = None) -> None:
-    """ValueError naming the argument, its bad value and what is valid (shapes only)."""
-    if q.dim() != 4:
-        raise _bad("q.shape", tuple(q.shape), "expected 4 dims [B, s_q, h_q, d]")
-    if kv_cache.dim() != 4:
-        raise _bad("kv_cache.shape", tuple(kv_cache.shape),
-                   "expected 4 dims [num_blocks, block_size, h_kv, d]")
-    b, d = q.shape[0], q.shape[3]
+    """What the kernels add to the op's argument checks (``fl_dispatch.check_args``, run
+    first): dtypes, strides, one device, the static bound. ValueError naming the argument,
+    its bad value and what is valid (shapes only)."""
     if q.dtype not in _DTYPES:
         raise _bad("q.dtype", q.dtype, f"expected one of {_DTYPES}")
-    if kv_cache.dtype != q.dtype:
-        raise _bad("kv_cache.dtype", kv_cache.dtype, f"expected q's dtype {q.dtype}")
-    if kv_cache.shape[-1] != d:
-        raise _bad("kv_cache.shape[-1]", kv_cache.shape[-1], f"expected q's head dim d={d}")
-    if kv_cache.shape[2] != 1:
-        raise _bad("kv_cache.shape[2] (h_kv)", kv_cache.shape[2],
-                   "MLA has one latent KV head: expected 1")
     if kv_cache.shape[1] < 1:
         raise _bad("kv_cache.shape[1] (block_size)", kv_cache.shape[1], "expected >= 1")
-    if not isinstance(head_dim_v, int) or not 0 < head_dim_v <= d:
-        raise _bad("head_dim_v", head_dim_v, f"expected an int in [1, d={d}]")
-    if cache_seqlens.dtype != torch.int32:
-        raise _bad("cache_seqlens.dtype", cache_seqlens.dtype, "expected torch.int32")
-    if tuple(cache_seqlens.shape) != (b,):
-        raise _bad("cache_seqlens.shape", tuple(cache_seqlens.shape), f"expected ({b},)")
-    if block_table.dtype != torch.int32:
-        raise _bad("block_table.dtype", block_table.dtype, "expected torch.int32")
-    if block_table.dim() != 2 or block_table.shape[0] != b:
-        raise _bad("block_table.shape", tuple(block_table.shape), f"expected ({b}, max_blocks)")
-    if block_table.shape[1] < 1 and b:
-        raise _bad("block_table.shape[1]", 0, "expected >= 1 column")
+    if not isinstance(head_dim_v, int):
+        raise _bad("head_dim_v", head_dim_v, "expected an int")
     if max_seqlen_k is not None and block_table.shape[1] * kv_cache.shape[1] < max_seqlen_k:
         need = -(-max_seqlen_k // kv_cache.shape[1])
         raise _bad("block_table.shape[1]", block_table.shape[1],
@@ -160,20 +141,15 @@ def check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
                    "expected 1 (contiguous channels)")
 
 
-def flash_mla(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    softmax_scale: float,
-    causal: bool = True,
-    max_seqlen_k: int | None = None,
-    config: MLAConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+              cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
+              causal: bool = True, max_seqlen_k: int | None = None,
+              config: MLAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention; see the module docstring. ``config`` overrides the launch
     configuration (for sweeps); ``max_seqlen_k`` is an optional static bound checked against
     the table's capacity."""
+    check_args("flash_mla", q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+               causal)
     check_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, max_seqlen_k)
     b, s_q, h_q, d = q.shape
     page = kv_cache.shape[1]
@@ -235,15 +211,9 @@ def default_scale(d: int) -> float:
 
 
 # ----------------------------------------------------------------------------- registration
-def _flash_mla_op(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    softmax_scale: float,
-    causal: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_mla_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                  cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float,
+                  causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's exact signature (no ``max_seqlen_k``/``config``): what the dispatcher calls."""
     return flash_mla(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from fl_dispatch import check_args
+
 from .capability import interpreter_enabled
 from .launcher import TritonKernel
 from .moe_configs import config as _tile_config
@@ -97,26 +99,15 @@ def _bad(arg: str, value: Any, valid: str) -> ValueError:
 
 def _validate(hidden_states, w1, w2, topk_weights, topk_ids, activation,
               apply_router_weight_on_input, global_num_experts, expert_map) -> int:
-    """Checks the arguments; returns the resolved ``global_num_experts``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"fused_experts: unsupported activation {activation!r}; "
-                         f"supported: {', '.join(ACTIVATIONS)}")
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
-        raise _bad("hidden_states", _shape(hidden_states), "a 2-D tensor [M, K]")
+    """Checks the arguments (the op's checks, then what the kernels add); returns the
+    resolved ``global_num_experts``."""
+    check_args("fused_experts", hidden_states, w1, w2, topk_weights, topk_ids, activation,
+               apply_router_weight_on_input, global_num_experts, expert_map)
     if hidden_states.dtype not in DTYPES:
         raise _bad("hidden_states.dtype", hidden_states.dtype, "float32, float16 or bfloat16")
-    M, K = hidden_states.shape
-    if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or w1.shape[1] % 2 or w1.shape[1] == 0:
-        raise _bad("w1.shape", _shape(w1), "[E, 2N, K] with 2N even and > 0")
-    E, two_n, k_w1 = w1.shape
-    N = two_n // 2
-    if k_w1 != K:
-        raise _bad("w1.shape", tuple(w1.shape),
-                   f"[E, 2N, K] with K = hidden_states.shape[1] = {K}")
-    if E == 0:
-        raise _bad("w1.shape", tuple(w1.shape), "at least one expert")
-    if not isinstance(w2, torch.Tensor) or tuple(w2.shape) != (E, K, N):
-        raise _bad("w2.shape", _shape(w2), f"(E, K, N) = {(E, K, N)} from w1 {tuple(w1.shape)}")
+    E = w1.shape[0]
+    if E == 0 or w1.shape[1] == 0:
+        raise _bad("w1.shape", tuple(w1.shape), "[E, 2N, K] with E >= 1 and 2N > 0")
     for name, w in (("w1", w1), ("w2", w2)):
         if w.dtype != hidden_states.dtype:
             raise _bad(f"{name}.dtype", w.dtype, f"hidden_states.dtype ({hidden_states.dtype})")
@@ -124,20 +115,10 @@ def _validate(hidden_states, w1, w2, topk_weights, topk_ids, activation,
             raise _bad(f"{name}.stride()", tuple(w.stride()), "unit stride in the last dimension")
         if w.device != hidden_states.device:
             raise _bad(f"{name}.device", w.device, f"hidden_states.device ({hidden_states.device})")
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != M \
-            or topk_ids.shape[1] == 0:
-        raise _bad("topk_ids.shape", _shape(topk_ids), f"[M, k] with M = {M}, k >= 1")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise _bad("topk_ids.dtype", topk_ids.dtype, "torch.int32 or torch.int64")
-    if not isinstance(topk_weights, torch.Tensor) \
-            or tuple(topk_weights.shape) != tuple(topk_ids.shape):
-        raise _bad("topk_weights.shape", _shape(topk_weights),
-                   f"topk_ids.shape = {tuple(topk_ids.shape)}")
+    if topk_ids.shape[1] == 0:
+        raise _bad("topk_ids.shape", tuple(topk_ids.shape), "[M, k] with k >= 1")
     if not topk_weights.dtype.is_floating_point:
         raise _bad("topk_weights.dtype", topk_weights.dtype, "a floating dtype (float32)")
-    k = topk_ids.shape[1]
-    if apply_router_weight_on_input and k != 1:
-        raise _bad("topk (topk_ids.shape[1]) with apply_router_weight_on_input=True", k, "1")
     if expert_map is not None:
         if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 \
                 or expert_map.dtype not in (torch.int32, torch.int64):
@@ -158,10 +139,6 @@ def _validate(hidden_states, w1, w2, topk_weights, topk_ids, activation,
     return global_num_experts
 
 
-def _shape(t: Any) -> Any:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _describe(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"a {t.dim()}-D {t.dtype} tensor of shape {tuple(t.shape)}"
@@ -170,19 +147,11 @@ def _describe(t: Any) -> str:
 
 # ----------------------------------------------------------------------------- the op
 
-def fused_experts(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    global_num_experts: int = -1,
-    expert_map: torch.Tensor | None = None,
-    *,
-    config: dict[str, Any] | None = None,
-) -> torch.Tensor:
+def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
+                  apply_router_weight_on_input: bool = False, global_num_experts: int = -1,
+                  expert_map: torch.Tensor | None = None, *,
+                  config: dict[str, Any] | None = None) -> torch.Tensor:
     """vLLM's ``fused_experts`` (unquantized): a new ``[M, K]`` tensor in hidden_states'
     dtype. ``config`` (keyword only, for sweeps and tests) overrides the tile config of
     :func:`.moe_configs.config`."""
@@ -268,17 +237,11 @@ def fused_experts(
 
 
 # ----------------------------------------------------------------------------- registration
-def _fused_experts_op(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    global_num_experts: int = -1,
-    expert_map: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _fused_experts_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      activation: str = "silu", apply_router_weight_on_input: bool = False,
+                      global_num_experts: int = -1, expert_map: torch.Tensor | None = None,
+                      ) -> torch.Tensor:
     """The op's exact signature (no ``config``): what the dispatcher calls."""
     return fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
                          apply_router_weight_on_input, global_num_experts, expert_map)

@@ -13,8 +13,11 @@ results of ``bench/moe_routing.py --sweep`` can be written back there.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
+
+from fl_dispatch import checked
 
 from .launcher import TritonKernel
 
@@ -125,37 +128,43 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _out_target(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A contiguous tensor to write ``t``'s values into, and whether it must be copied back."""
-    if t.is_contiguous():
-        return t, False
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device), True
+def write_contiguous(kernel: Callable[..., None], *outs: torch.Tensor) -> None:
+    """``kernel(*targets)``: each of ``outs`` itself when contiguous, else a contiguous stand-in
+    whose values are copied into it afterwards (a kernel that assumes contiguous rows)."""
+    targets = [t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+               for t in outs]
+    kernel(*targets)
+    for t, target in zip(outs, targets):
+        if target is not t:
+            t.copy_(target)
 
 
-def _check_routing_outputs(op: str, tokens: int, experts: int, topk: int,
-                           **outs: tuple[torch.Tensor, tuple[torch.dtype, ...]]) -> None:
-    for name, (t, dtypes) in outs.items():
-        if t.dim() != 2 or t.shape[0] != tokens or t.shape[1] != topk:
-            raise ValueError(f"{op}: {name} must have shape [{tokens}, {topk}], got "
-                             f"{tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise ValueError(f"{op}: {name} must have dtype "
-                             f"{' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if not 1 <= topk <= experts:
-        raise ValueError(f"{op}: topk (the outputs' last dimension) must be in "
-                         f"[1, {experts}], got {topk}")
+def _check_float(op: str, name: str, t: torch.Tensor) -> None:
+    """The kernels read fp32, fp16 or bf16 scores."""
+    if t.dtype not in _GATING_DTYPES:
+        raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _flat_bias(op: str, name: str, bias: torch.Tensor | None,
+               experts: int) -> torch.Tensor | None:
+    """``bias`` as a unit-stride ``[experts]`` vector (None stays None); ValueError when it
+    does not hold one value per expert."""
+    if bias is None:
+        return None
+    if bias.numel() != experts:
+        raise ValueError(f"{op}: {name} must have {experts} elements, got shape "
+                         f"{tuple(bias.shape)}")
+    bias = bias.reshape(-1)
+    return bias if bias.stride(0) == 1 else bias.contiguous()
 
 
 # ----------------------------------------------------------------------------- topk_softmax
 
-def topk_softmax(
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    token_expert_indices: torch.Tensor,
-    gating_output: torch.Tensor,
-    renormalize: bool = False,
-    e_score_correction_bias: torch.Tensor | None = None,
-) -> None:
+@checked
+def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 token_expert_indices: torch.Tensor, gating_output: torch.Tensor,
+                 renormalize: bool = False, e_score_correction_bias: torch.Tensor | None = None,
+                 ) -> None:
     """vLLM's ``ops.topk_softmax`` (``vllm/_custom_ops.py:2300``, without 0.32's
     ``is_padding``): fp32 softmax of ``gating_output`` [T, E] (fp32/fp16/bf16) over all
     experts; the k = ``topk_weights.shape[1]`` best of ``softmax + bias`` (ties: lower
@@ -164,79 +173,37 @@ def topk_softmax(
     fused_topk_bias_router.py:358-362``), over their sum when ``renormalize``; ``topk_ids``
     int32/int64; ``token_expert_indices[t, j] = j*T + t`` int32."""
     op = "topk_softmax"
-    if gating_output.dim() != 2:
-        raise ValueError(f"{op}: gating_output must be 2-D [tokens, experts], got shape "
-                         f"{tuple(gating_output.shape)}")
-    if gating_output.dtype not in _GATING_DTYPES:
-        raise ValueError(f"{op}: gating_output must be float32, float16 or bfloat16, got "
-                         f"{gating_output.dtype}")
+    _check_float(op, "gating_output", gating_output)
+    if token_expert_indices.dtype != torch.int32:
+        raise ValueError(f"{op}: token_expert_indices must have dtype torch.int32, got "
+                         f"{token_expert_indices.dtype}")
     tokens, experts = gating_output.shape
-    topk = topk_weights.shape[-1] if topk_weights.dim() == 2 else -1
-    _check_routing_outputs(op, tokens, experts, topk,
-                           topk_weights=(topk_weights, (torch.float32,)),
-                           topk_ids=(topk_ids, _ID_DTYPES),
-                           token_expert_indices=(token_expert_indices, (torch.int32,)))
-    bias = e_score_correction_bias
-    if bias is not None:
-        if bias.numel() != experts:
-            raise ValueError(f"{op}: e_score_correction_bias must have {experts} elements, "
-                             f"got shape {tuple(bias.shape)}")
-        bias = bias.reshape(-1)
-        if bias.stride(0) != 1:
-            bias = bias.contiguous()
+    topk = topk_weights.shape[1]
+    bias = _flat_bias(op, "e_score_correction_bias", e_score_correction_bias, experts)
     if tokens == 0:
         return None
     if tokens * topk > _INT32_MAX:
         raise ValueError(f"{op}: tokens*topk = {tokens * topk} exceeds int32 "
                          f"(token_expert_indices is int32)")
     g = _rows_view(gating_output)
-    w, cw = _out_target(topk_weights)
-    ids, ci = _out_target(topk_ids)
-    tei, ct = _out_target(token_expert_indices)
     bt, warps = topk_softmax_config(tokens, experts, topk)
     has_bias = bias is not None
-    _launch(TOPK_SOFTMAX_KERNEL, (_cdiv(tokens, bt), 1, 1),
-            (g, bias if has_bias else g, w, ids, tei), (tokens, experts, g.stride(0)),
-            (topk, has_bias, bool(renormalize), bt, _pow2(experts), _pow2(topk)), warps)
-    for copy, dst, src in ((cw, topk_weights, w), (ci, topk_ids, ids),
-                           (ct, token_expert_indices, tei)):
-        if copy:
-            dst.copy_(src)
+
+    def launch(w: torch.Tensor, ids: torch.Tensor, tei: torch.Tensor) -> None:
+        _launch(TOPK_SOFTMAX_KERNEL, (_cdiv(tokens, bt), 1, 1),
+                (g, bias if has_bias else g, w, ids, tei), (tokens, experts, g.stride(0)),
+                (topk, has_bias, bool(renormalize), bt, _pow2(experts), _pow2(topk)), warps)
+
+    write_contiguous(launch, topk_weights, topk_ids, token_expert_indices)
     return None
 
 
 # ----------------------------------------------------------------------------- grouped_topk
 
-def _check_grouped(experts: int, num_expert_group: int, topk_group: int, topk: int) -> None:
-    op = "grouped_topk"
-    if num_expert_group < 1 or experts % num_expert_group:
-        raise ValueError(f"{op}: num_expert_group must divide the number of experts "
-                         f"{experts} (scores.shape[1]), got {num_expert_group}")
-    if experts // num_expert_group < 2:
-        raise ValueError(f"{op}: num_expert_group must leave at least 2 experts per group "
-                         f"(group score = top-2 sum), got {num_expert_group} for {experts} "
-                         f"experts")
-    if not 1 <= topk <= experts:
-        raise ValueError(f"{op}: topk must be in [1, {experts}], got {topk}")
-    if not 1 <= topk_group <= num_expert_group:
-        raise ValueError(f"{op}: topk_group must be in [1, num_expert_group="
-                         f"{num_expert_group}], got {topk_group}")
-    if topk_group * (experts // num_expert_group) < topk:
-        raise ValueError(f"{op}: topk {topk} exceeds the experts of the kept groups "
-                         f"(topk_group {topk_group} x {experts // num_expert_group} per "
-                         f"group)")
-
-
-def grouped_topk(
-    scores: torch.Tensor,
-    num_expert_group: int,
-    topk_group: int,
-    topk: int,
-    renormalize: bool,
-    routed_scaling_factor: float,
-    bias: torch.Tensor | None,
-    scoring_func: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@checked
+def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, topk: int,
+                 renormalize: bool, routed_scaling_factor: float, bias: torch.Tensor | None,
+                 scoring_func: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's ``ops.grouped_topk`` (``vllm/_custom_ops.py:2372``; CUDA kernel semantics):
     ``s = f(scores) + bias`` (f identity for ``scoring_func`` 0, sigmoid for 1; fp32 math);
     group score = sum of the top-2 ``s`` per group (as ``grouped_topk_router.py:121-128``
@@ -245,24 +212,9 @@ def grouped_topk(
     without a finite group score gets ``1/topk`` on experts ``0..topk-1``. ``bias=None`` means
     zeros. Returns ``(weights fp32 [T, topk], ids int32 [T, topk])``."""
     op = "grouped_topk"
-    if scores.dim() != 2:
-        raise ValueError(f"{op}: scores must be 2-D [tokens, experts], got shape "
-                         f"{tuple(scores.shape)}")
-    if scores.dtype not in _GATING_DTYPES:
-        raise ValueError(f"{op}: scores must be float32, float16 or bfloat16, got "
-                         f"{scores.dtype}")
-    if scoring_func not in (0, 1):
-        raise ValueError(f"{op}: scoring_func must be 0 (identity) or 1 (sigmoid), got "
-                         f"{scoring_func}")
+    _check_float(op, "scores", scores)
     tokens, experts = scores.shape
-    _check_grouped(experts, num_expert_group, topk_group, topk)
-    if bias is not None:
-        if bias.numel() != experts:
-            raise ValueError(f"{op}: bias must have {experts} elements, got shape "
-                             f"{tuple(bias.shape)}")
-        bias = bias.reshape(-1)
-        if bias.stride(0) != 1:
-            bias = bias.contiguous()
+    bias = _flat_bias(op, "bias", bias, experts)
     weights = torch.empty((tokens, topk), dtype=torch.float32, device=scores.device)
     ids = torch.empty((tokens, topk), dtype=torch.int32, device=scores.device)
     if tokens == 0:
@@ -282,25 +234,11 @@ def grouped_topk(
 
 # ----------------------------------------------------------------------------- align
 
-def _check_int32_buffer(name: str, t: torch.Tensor, need: int) -> None:
-    if t.dtype != torch.int32:
-        raise ValueError(f"moe_align_block_size: {name} must be int32, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"moe_align_block_size: {name} must be contiguous")
-    if t.numel() < need:
-        raise ValueError(f"moe_align_block_size: {name} has {t.numel()} elements, needs at "
-                         f"least {need}")
-
-
-def moe_align_block_size(
-    topk_ids: torch.Tensor,
-    num_experts: int,
-    block_size: int,
-    sorted_token_ids: torch.Tensor,
-    experts_ids: torch.Tensor,
-    num_tokens_post_pad: torch.Tensor,
-    expert_map: torch.Tensor | None = None,
-) -> None:
+@checked
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int,
+                         sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+                         num_tokens_post_pad: torch.Tensor,
+                         expert_map: torch.Tensor | None = None) -> None:
     """vLLM's ``ops.moe_align_block_size`` buffers (``vllm/_custom_ops.py:2163``; sizes as
     ``fused_moe/moe_align_block_size.py:137-152``) with the Python wrapper's non-ignoring
     ``expert_map`` semantics (``:162-163``, ``expert_ids = expert_map[expert_ids]``).
@@ -316,21 +254,14 @@ def moe_align_block_size(
     them). ``num_tokens_post_pad`` int32 [>= 1]: ``sum_e cdiv(count_e, bs)*bs``.
     ``num_experts >= 1024`` is rejected (vLLM's TORCH_CHECK). Graph-safe: no host sync."""
     op = "moe_align_block_size"
-    if topk_ids.dtype not in _ID_DTYPES:
-        raise ValueError(f"{op}: topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if not 1 <= num_experts < MAX_EXPERTS:
-        raise ValueError(f"{op}: num_experts must be in [1, {MAX_EXPERTS}), got "
-                         f"{num_experts}")
-    if block_size < 1:
-        raise ValueError(f"{op}: block_size must be >= 1, got {block_size}")
     numel = topk_ids.numel()
     if numel > _INT32_MAX // 2:
         raise ValueError(f"{op}: topk_ids has {numel} routes; int32 indices allow at most "
                          f"{_INT32_MAX // 2}")
-    need = min(numel * block_size, numel + num_experts * (block_size - 1))
-    _check_int32_buffer("sorted_token_ids", sorted_token_ids, need)
-    _check_int32_buffer("experts_ids", experts_ids, _cdiv(need, block_size))
-    _check_int32_buffer("num_tokens_post_pad", num_tokens_post_pad, 1)
+    for name, t in (("sorted_token_ids", sorted_token_ids), ("experts_ids", experts_ids),
+                    ("num_tokens_post_pad", num_tokens_post_pad)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
     if expert_map is not None:
         if expert_map.dtype not in _ID_DTYPES:
             raise ValueError(f"{op}: expert_map must be int32 or int64, got "

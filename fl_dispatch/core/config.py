@@ -268,17 +268,13 @@ def validate_against_registry(
             if token.kind == "impl" and name not in impl_ids[op]:
                 problems.append(Problem(where, f"no impl {name!r} of op {op!r}; "
                                         f"{suggestion(name, impl_ids[op])}"))
-    for key in ("allow_vendors", "deny_vendors"):
+    for key, what, known in (("allow_vendors", "vendor", vendors),
+                             ("deny_vendors", "vendor", vendors),
+                             ("oot_whitelist", "vLLM layer", layer_names),
+                             ("oot_blacklist", "vLLM layer", layer_names)):
         setting = getattr(policy, key)
         for name in setting.value or ():
-            if name not in vendors:
+            if name not in known:
                 problems.append(Problem(f"{setting.source} {key}",
-                                        f"unknown vendor {name!r}; {suggestion(name, vendors)}"))
-    for key in ("oot_whitelist", "oot_blacklist"):
-        setting = getattr(policy, key)
-        for name in setting.value or ():
-            if name not in layer_names:
-                problems.append(Problem(f"{setting.source} {key}",
-                                        f"unknown vLLM layer {name!r}; "
-                                        f"{suggestion(name, layer_names)}"))
+                                        f"unknown {what} {name!r}; {suggestion(name, known)}"))
     return problems

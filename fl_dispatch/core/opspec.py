@@ -10,9 +10,10 @@ Built-in ops are defined in :mod:`fl_dispatch.core.ops` with :func:`define_op`::
 Everything else derives from that definition: the signature check of every impl (at
 registration), the reference backend's impl, the torch custom-op schema and its fake kernel
 (:mod:`.torch_ops`, through :meth:`OpSpec.torch_forms`), the names the OOT lists accept
-(``layer``), and, through the conformance kit, the op's input cases and tolerances
-(``@op.cases``, ``tolerances=``). A plugin defines its own ops the same way and returns them
-from ``fl_dispatch_define_ops``.
+(``layer``), the argument errors every impl raises alike (``check_args=``, exposed to backends
+as :func:`fl_dispatch.check_args`), and, through the conformance kit, the op's input cases and
+tolerances (``@op.cases``, ``tolerances=``). A plugin defines its own ops the same way and
+returns them from ``fl_dispatch_define_ops``.
 """
 
 from __future__ import annotations
@@ -88,13 +89,20 @@ class OpSpec:
     :param checker: for ops without tensors: how the kit checks an impl.
     :param fake: the fake (meta) kernel of the op's own torch custom op, when running ``fn``
         on meta tensors does not work.
+    :param check_args: the op's argument check: a function with the op's signature that
+        raises ValueError (naming the argument, its bad value and what is valid) for arguments
+        no impl accepts and returns None otherwise. The reference calls it; impls call it
+        through :func:`fl_dispatch.check_args` and keep only their own, stricter checks (limits
+        of a kernel) next to it. Checks only what needs no host synchronisation (shapes,
+        dtypes, scalars), so that impls stay graph-safe.
     """
 
     def __init__(self, name: str, fn: Callable[..., Any], mutates: Sequence[str] = (), *,
                  traceable: bool = True, layer: str | None = None,
                  tolerances: Mapping[str, tuple[float, float, str]] | None = None,
                  checker: Checker | None = None,
-                 fake: Callable[..., Any] | None = None) -> None:
+                 fake: Callable[..., Any] | None = None,
+                 check_args: Callable[..., None] | None = None) -> None:
         self.name = name
         self.fn = fn
         self.mutates = tuple(mutates)
@@ -103,6 +111,7 @@ class OpSpec:
         self.tolerances = dict(tolerances or {})
         self.checker = checker
         self.fake = fake
+        self.check_args = check_args
         self.verify_cases: VerifyCases | None = None
         self.bench_cases: BenchCases | None = None
         self._forms: list[TorchForm] | None = None
@@ -110,6 +119,10 @@ class OpSpec:
         if unknown:
             raise ValueError(f"op {name!r}: mutates names {sorted(unknown)}, which are not "
                              f"parameters of {fn.__qualname__}{self.signature}")
+        if check_args is not None:
+            mismatch = self.signature_mismatch(check_args)
+            if mismatch:
+                raise ValueError(f"op {name!r}: check_args {check_args.__qualname__}: {mismatch}")
 
     def __repr__(self) -> str:
         return f"OpSpec({self.name!r}{self.signature})"
@@ -205,12 +218,16 @@ def _form_of(proto: Callable[..., Any]) -> Callable[..., Any]:
 def define_op(*, mutates: Sequence[str] = (), traceable: bool = True, layer: str | None = None,
               tolerances: Mapping[str, tuple[float, float, str]] | None = None,
               checker: Checker | None = None,
-              fake: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], OpSpec]:
-    """Decorator: the function is the op's reference; returns the :class:`OpSpec`."""
+              fake: Callable[..., Any] | None = None,
+              check_args: Callable[..., None] | None = None
+              ) -> Callable[[Callable[..., Any]], OpSpec]:
+    """Decorator: the function is the op's reference; returns the :class:`OpSpec` (the
+    keywords are :class:`OpSpec`'s)."""
 
     def define(fn: Callable[..., Any]) -> OpSpec:
         return OpSpec(fn.__name__, fn, mutates, traceable=traceable, layer=layer,
-                      tolerances=tolerances, checker=checker, fake=fake)
+                      tolerances=tolerances, checker=checker, fake=fake,
+                      check_args=check_args)
 
     return define
 

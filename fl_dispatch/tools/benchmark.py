@@ -19,7 +19,7 @@ from typing import Any
 
 from .bench_measure import bench
 from .bench_report import format_table, ranking_lines, summary_lines, write_config, write_png
-from .common import ToolError, load, split
+from .common import ToolError, add_op_and_device, fail, load, split
 
 
 # --------------------------------------------------------------------------- command
@@ -38,11 +38,6 @@ def parse_sizes(text: str, flag: str) -> list[int]:
                              f"(expected a comma-separated list like 1,16,64)")
         sizes.append(value)
     return sizes
-
-
-def _fail(message: str) -> int:
-    print(f"fl-dispatch bench: {message}", file=sys.stderr)
-    return 2
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -74,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("nothing to time: --decode and --prefill are both empty")
         loaded = load(split(args.op))
     except (ValueError, ToolError) as exc:
-        return _fail(str(exc))
+        return fail("bench", str(exc))
     policy, registry = loaded.policy, loaded.registry
     for record in loaded.plugins.errors:
         print(f"fl-dispatch bench: plugin {record.name!r} failed to load ({record.source}): "
@@ -101,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             write_config(result, registry, args.write_config, policy.platform.value)
         except ConfigError as exc:
-            return _fail(f"the written config {args.write_config} is not valid: {exc}")
+            return fail("bench", f"the written config {args.write_config} is not valid: {exc}")
         print(f"wrote {args.write_config} (valid as VLLM_FL_CONFIG)")
     return 0
 
@@ -113,9 +108,7 @@ def register(subparsers: Any) -> None:
         description="Time every available impl of each tensor op at decode and prefill sizes "
                     "on this device (CUDA graph replay on a GPU), with bandwidth against the "
                     "device's copy bandwidth; write a table, JSON, a PNG chart and a policy.")
-    p.add_argument("--op", action="append", metavar="OP",
-                   help="only this op (repeat or comma-separate for several)")
-    p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    add_op_and_device(p)
     p.add_argument("--dtype", default="bf16", help="fp32, fp16 or bf16 (default: bf16)")
     p.add_argument("--decode", default="1,16,64,256", metavar="T,T,...",
                    help="decode token counts (default: 1,16,64,256)")

