@@ -22,8 +22,9 @@ from .rotary import rotary_embedding
 FAMILIES: tuple[ModuleType, ...] = (activation, layernorm, rotary, attention, moe, mla)
 """The family modules, in the order tools list their ops."""
 
-BUILTIN_OPS: tuple[OpSpec, ...] = tuple(
-    value for family in FAMILIES for value in vars(family).values() if isinstance(value, OpSpec))
+BUILTIN_OPS: tuple[OpSpec, ...] = tuple({
+    id(value): value for family in FAMILIES for value in vars(family).values()
+    if isinstance(value, OpSpec)}.values())  # unique: a family may also bind an alias
 """The ops the core defines. Backends may define more through ``fl_dispatch_define_ops``."""
 
 __all__ = ["BUILTIN_OPS", "FAMILIES", "attention_backend", "flash_mla", "fused_experts",
