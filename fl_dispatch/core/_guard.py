@@ -24,9 +24,12 @@ Why it is written this way (measured, ``bench/dispatch_overhead.py``, docs/perfo
 - The impl read into a local first, so ``on_failure`` learns which impl raised even when
   another thread swapped the cell in between.
 
-What it still costs: about +40 ns a call over calling the impl (one extra Python frame). The
-vLLM glue avoids even that with the call-site guard (``fl_dispatch.fast`` + ``recover``), at
-+9 to +15 ns.
+What it still costs: one extra Python frame, about +21 ns a call over calling the impl on the
+2-core development machine when its core is not shared (CPython 3.11, 2026-11-30,
+docs/results/dispatch_overhead.txt; +23 ns with two cells), about twice that when it is (the
+direct call doubles too). Any Python wrapper frame costs about +19 ns there, so there is
+little left to take out in Python. The vLLM glue avoids the frame with the call-site guard
+(``fl_dispatch.fast`` + ``recover``), at about +6 to +7 ns.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ behind a view argument (so writes outside a view are caught) and the return valu
 with the reference's within the op's tolerance (:mod:`fl_dispatch.testing.tolerances`), and the
 return contract is checked: ``out`` returned, the caller's ``(x, residual)`` returned, a new
 tensor aliasing no input, or None. ``fl-dispatch verify``, the pytest helper
-(:func:`fl_dispatch.testing.conformance_test`) and the project's own tests all run these.
+(:func:`fl_dispatch.testing.backend_conformance`) and the project's own tests all run these.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fl_dispatch import BackendInfo, hookimpl
+from fl_dispatch import BackendInfo, ImplTable, Registrar, hookimpl, write_out
 
 
 def unavailable_reason() -> str | None:
@@ -17,14 +17,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
+impls = ImplTable(impl_id="vendor.acme", kind="vendor", vendor="acme",
+                  check=unavailable_reason)
+
+
+@impls.impl()  # implements the op of the same name
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same signature and contract as the op (see fl_dispatch/opspec.py)."""
+    """Same signature and contract as the op (fl_dispatch/core/ops/activation.py)."""
     d = x.shape[-1] // 2
-    result = (F.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return write_out((F.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype), out)
 
 
 @hookimpl
@@ -33,6 +34,5 @@ def fl_dispatch_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def fl_dispatch_register_impls(registrar) -> None:
-    registrar.register("silu_and_mul", silu_and_mul, impl_id="vendor.acme",
-                       kind="vendor", vendor="acme", check=unavailable_reason)
+def fl_dispatch_register_impls(registrar: Registrar) -> None:
+    impls.register_all(registrar)

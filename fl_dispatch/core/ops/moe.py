@@ -485,6 +485,7 @@ for _op, _cases in ((topk_softmax, "topk_softmax_cases"), (grouped_topk, "groupe
                     (moe_align_block_size, "align_cases"), (moe_sum, "moe_sum_cases"),
                     (fused_experts, "experts_cases")):
     _op.cases(_kit_cases(_cases))
+del _op, _cases  # not module attributes: the family's OpSpecs are its ops
 
 
 @topk_softmax.bench
