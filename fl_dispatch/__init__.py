@@ -32,6 +32,7 @@ from .core.errors import (
 from .core.hookspecs import BackendInfo, hookimpl, hookspec
 from .core.impl import DEFAULT_PRIORITY, KINDS, Impl
 from .core.impltable import ImplTable
+from .core.ops.attention import MLA_BACKEND
 from .core.opspec import (
     GELU_APPROXIMATIONS,
     OpSpec,
@@ -41,6 +42,7 @@ from .core.opspec import (
     weight_or_ones,
     write_out,
 )
+from .core.process import process_rank
 from .core.registry import Registrar
 
 __version__ = "0.2.0"
@@ -64,6 +66,13 @@ def _spec(op: str) -> OpSpec:
 
         raise KeyError(f"unknown op {op!r}; {suggestion(op, specs)}")
     return specs[op]
+
+
+def builtin_ops() -> tuple[OpSpec, ...]:
+    """The ops fl-dispatch itself defines (each is its reference function)."""
+    from .core.ops import BUILTIN_OPS
+
+    return BUILTIN_OPS
 
 
 def reference(op: str) -> Callable[..., Any]:
@@ -105,6 +114,7 @@ __all__ = [
     "DEFAULT_PRIORITY",
     "GELU_APPROXIMATIONS",
     "KINDS",
+    "MLA_BACKEND",
     "BackendInfo",
     "ConfigError",
     "FlDispatchError",
@@ -116,6 +126,7 @@ __all__ = [
     "Registrar",
     "RegistrationError",
     "bad_approximate",
+    "builtin_ops",
     "check_args",
     "checked",
     "copy_back",
@@ -126,6 +137,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "ops",
+    "process_rank",
     "recover",
     "reference",
     "reset",

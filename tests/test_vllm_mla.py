@@ -83,7 +83,8 @@ def test_registration_selector_and_decode_match_cpu_mla():
     assert result["custom_mla"] == result["path"]
     assert result["cpu_mla"] == "vllm.v1.attention.backends.mla.cpu_mla.CPUMLABackend"
     assert result["custom_dense"].endswith("CPUAttentionBackend")
-    assert result["flagos_mla"] == "CUSTOM"  # flagos' choice (on a GPU) once registered
+    assert result["flagos_mla"] == "fl_dispatch:mla"  # flagos' choice: our backend, by the
+    # symbolic name the glue resolves to the slot it registered (CUSTOM here)
     assert result["shape"] == [3, 4, 512] and result["lse"] is None
     assert result["diff"] < 1e-5 and result["calls"] == 1
 
@@ -111,7 +112,9 @@ def test_user_backend_wins_and_the_switches_turn_it_off():
     assert "the user's explicit CPU_MLA wins over CUSTOM chosen by 'vendor.mlapick'" in log
     off, log = run(code, VLLM_FL_OOT_BLACKLIST="mla_attention", **PICK)
     assert off["registered"] is None and off["overridden"] is False
-    assert off["chosen"] is None and off["applied"] == "None"  # vLLM's own MLA backend
+    # the choice names our backend, which this process did not register: vLLM's TRITON_MLA
+    assert off["chosen"] == "TRITON_MLA" and off["applied"] == "TRITON_MLA"
+    assert "fl-dispatch's MLA backend is not registered in this process" in log
     assert "MLAAttention(CUSTOM)" not in log
     # the attention switch: the op's order names the reference (None: vLLM's own choice)
     ref, _ = run(code, VLLM_FL_PLUGIN_MODULES="mla_backend_pick",

@@ -7,7 +7,7 @@ functions (``@impls.impl()`` in :mod:`.ops`, :mod:`.flaggems`).
 
 from __future__ import annotations
 
-from fl_dispatch import BackendInfo, ImplTable, Registrar, hookimpl
+from fl_dispatch import MLA_BACKEND, BackendInfo, ImplTable, Registrar, hookimpl
 
 from .capability import gpu_unavailable_reason, unavailable_reason
 
@@ -20,14 +20,10 @@ choices = ImplTable(impl_id=IMPL_ID, kind=KIND, check=gpu_unavailable_reason)
 
 @choices.impl()
 def attention_backend(use_mla: bool = False) -> str | None:
-    """vLLM's Triton attention backends: the vendor-neutral choice. For MLA models, the
-    fl-dispatch MLA backend (TRITON_MLA with decode through the dispatched ``flash_mla``)
-    where this process registered it (``'CUSTOM'``), else TRITON_MLA."""
-    if not use_mla:
-        return "TRITON_ATTN"
-    from fl_dispatch.vllm_glue.mla import registered_backend
-
-    return registered_backend() or "TRITON_MLA"
+    """vLLM's Triton attention backends: the vendor-neutral choice. For MLA models,
+    fl-dispatch's own MLA backend (TRITON_MLA with decode through the dispatched
+    ``flash_mla``; the glue falls back to TRITON_MLA where it is not registered)."""
+    return MLA_BACKEND if use_mla else "TRITON_ATTN"
 
 
 @hookimpl

@@ -18,10 +18,10 @@ from fl_dispatch import (
     ImplTable,
     bad_approximate,
     copy_back,
+    process_rank,
     weight_or_ones,
     write_out,
 )
-from fl_dispatch.core.process import process_rank
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@ reference function, so there is nothing to restate here.
 
 from __future__ import annotations
 
-from fl_dispatch import BackendInfo, Registrar, hookimpl
+from fl_dispatch import BackendInfo, Registrar, builtin_ops, hookimpl
 
 IMPL_ID = "reference.torch"
 
@@ -18,8 +18,6 @@ def fl_dispatch_backend_info() -> BackendInfo:
 
 @hookimpl
 def fl_dispatch_register_impls(registrar: Registrar) -> None:
-    from fl_dispatch.core.ops import BUILTIN_OPS
-
-    for op in BUILTIN_OPS:
+    for op in builtin_ops():
         registrar.register(op.name, op.fn, impl_id=IMPL_ID, kind="reference",
                            traceable=op.traceable)

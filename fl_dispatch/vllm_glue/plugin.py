@@ -16,6 +16,7 @@ from typing import Any
 
 from fl_dispatch.core.config import env_flag
 from fl_dispatch.core.log import get_logger
+from fl_dispatch.core.ops.attention import MLA_BACKEND
 from fl_dispatch.core.process import process_identity, process_rank
 
 log = get_logger()
@@ -82,6 +83,14 @@ def apply_attention_backend(config: Any) -> str | None:
     impl = get_dispatcher().selection("attention_backend").chosen
     if choice is None:
         return None
+    if choice == MLA_BACKEND:  # fl-dispatch's own MLA backend: the slot this process holds
+        from .mla import registered_backend
+
+        resolved = registered_backend()
+        if resolved is None:
+            log.info("attention backend: fl-dispatch's MLA backend is not registered in this "
+                     "process (layer mla_attention off, or the slot taken): TRITON_MLA")
+        choice = resolved or "TRITON_MLA"
     user = config.attention_config.backend
     if user is not None:
         name = getattr(user, "name", user)

@@ -5,9 +5,7 @@ import fl_dispatch
 
 
 def attention_backend(use_mla=False):
-    from fl_dispatch.vllm_glue.mla import registered_backend
-
-    return registered_backend() if use_mla else None
+    return fl_dispatch.MLA_BACKEND if use_mla else None
 
 
 @fl_dispatch.hookimpl

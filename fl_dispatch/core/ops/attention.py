@@ -7,6 +7,12 @@ from typing import Any
 
 from ..opspec import define_op
 
+MLA_BACKEND = "fl_dispatch:mla"
+"""The answer that asks for fl-dispatch's own MLA attention backend (vLLM's, with decode
+through the dispatched ``flash_mla``): the vLLM glue resolves it to the backend slot it
+registered in this process, or to ``TRITON_MLA`` where it did not register one (the
+``mla_attention`` layer switched off, or the slot taken), with a log line."""
+
 
 def _check_backend_name(fn: Callable[..., Any]) -> list[str]:
     """The kit's check: ``fn(use_mla=...)`` returns None or a backend name, for both values."""
@@ -21,6 +27,6 @@ def _check_backend_name(fn: Callable[..., Any]) -> list[str]:
 @define_op(checker=_check_backend_name)
 def attention_backend(use_mla: bool = False) -> str | None:
     """The attention backend vLLM should use: a name of ``vllm``'s ``AttentionBackendEnum``
-    (for example ``'FLASH_ATTN'``) or a class path; None leaves vLLM's own choice (the
-    reference's answer)."""
+    (for example ``'FLASH_ATTN'``), a class path, or ``MLA_BACKEND`` (fl-dispatch's own MLA
+    backend); None leaves vLLM's own choice (the reference's answer)."""
     return None
