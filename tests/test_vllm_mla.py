@@ -133,7 +133,7 @@ def test_another_plugins_custom_backend_is_left_alone():
     """
     result, log = run(code)
     assert result == {"path": "other.plugin.Backend", "registered": None}
-    assert "already registered by another plugin (other.plugin.Backend)" in log
+    assert "attention backend is already registered as other.plugin.Backend (another plugin)" in log
 
 
 # ------------------------------------------------------------------------------- end to end

@@ -147,6 +147,16 @@ def _family(base: type) -> list[type]:
     return found
 
 
+def yield_to_other_plugin(taken: str, layer: str, strict: bool) -> None:
+    """Another plugin holds what fl-dispatch would install for ``layer`` (``taken`` says
+    what and by whom): leave it to that plugin with a warning, or raise in strict mode."""
+    message = (f"{taken} (another plugin); fl-dispatch leaves it to that plugin. Add "
+               f"{layer!r} to VLLM_FL_OOT_BLACKLIST to silence this")
+    if strict:
+        raise RuntimeError(message)
+    log.warning(message)
+
+
 def _make_replacement(target: type, spec: LayerSpec) -> type:
     forward = spec.forward
     supported = spec.supported
@@ -194,12 +204,8 @@ def register_layers(allows: Callable[[str], bool], strict: bool,
                     report.replaced.append(key)
                     continue
                 owner = f"{current.__module__}.{current.__qualname__}"
-                message = (f"vLLM layer {key} is already replaced out-of-tree by {owner} "
-                           f"(another plugin); fl-dispatch leaves it to that plugin. Add "
-                           f"{spec.name!r} to VLLM_FL_OOT_BLACKLIST to silence this")
-                if strict:
-                    raise RuntimeError(message)
-                log.warning(message)
+                yield_to_other_plugin(f"vLLM layer {key} is already replaced out-of-tree by "
+                                      f"{owner}", spec.name, strict)
                 report.skipped[key] = f"already replaced by {owner}"
                 continue
             replacement = _make_replacement(target, spec)

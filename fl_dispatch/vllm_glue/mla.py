@@ -175,12 +175,10 @@ def register_mla(dispatcher: Any, allows: Any, strict: bool) -> list[str]:
 
     slot = AttentionBackendEnum.CUSTOM
     if slot.is_overridden() and slot.get_path() != CLASS_PATH:
-        message = (f"vLLM's {BACKEND_NAME} attention backend is already registered by another "
-                   f"plugin ({slot.get_path()}); fl-dispatch does not register its MLA backend. "
-                   f"Add {LAYER!r} to VLLM_FL_OOT_BLACKLIST to silence this")
-        if strict:
-            raise RuntimeError(message)
-        log.warning(message)
+        from .layers import yield_to_other_plugin
+
+        yield_to_other_plugin(f"vLLM's {BACKEND_NAME} attention backend is already "
+                              f"registered as {slot.get_path()}", LAYER, strict)
         return []
     register_backend(slot, CLASS_PATH)
     _patch_cpu_selector()

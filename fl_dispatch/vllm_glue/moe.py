@@ -259,13 +259,10 @@ def register_experts(strict: bool) -> list[str]:
     if current is not None:
         if getattr(current, "_fl_dispatch_layer", None) is not None:
             return [EXPERTS_CLASS]
-        owner = f"{current.__module__}.{current.__qualname__}"
-        message = (f"vLLM layer {EXPERTS_CLASS} is already replaced out-of-tree by {owner} "
-                   f"(another plugin); fl-dispatch leaves it to that plugin. Add "
-                   f"{LAYER!r} to VLLM_FL_OOT_BLACKLIST to silence this")
-        if strict:
-            raise RuntimeError(message)
-        log.warning(message)
+        from .layers import yield_to_other_plugin
+
+        yield_to_other_plugin(f"vLLM layer {EXPERTS_CLASS} is already replaced out-of-tree by "
+                              f"{current.__module__}.{current.__qualname__}", LAYER, strict)
         return []
     base.register_oot(_make_experts_class(base), name=EXPERTS_CLASS)
     return [EXPERTS_CLASS]
