@@ -105,7 +105,9 @@ class Dispatcher:
 
     # ----------------------------------------------------------------- entries
     def entry(self, op: str) -> Callable[..., Any]:
-        """The callable for ``op``: the chosen impl, guarded by fallback when there is one."""
+        """The callable for ``op``: the chosen impl, guarded by fallback when there is one.
+        Not on the hot path: callers hold the result (``fl_dispatch.ops.<op>`` is bound to it
+        once), and calling *it* is the hot path."""
         state = self._state(op)
         if state.entry is None:
             with self._lock:
@@ -148,7 +150,8 @@ class Dispatcher:
     def recover(self, op: str, failed_fn: Callable[..., Any], exc: Exception,
                 args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
         """A call-site guard caught ``exc`` from ``failed_fn`` (a head of ``op``): fall back
-        as the generated guard would, or re-raise in strict mode / with a single impl."""
+        as the generated guard would, or re-raise in strict mode / with a single impl.
+        Not on the hot path: runs only after an impl raised."""
         state = self._state(op)
         if not self._guarded(state):
             raise exc
