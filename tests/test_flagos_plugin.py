@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fl_dispatch_flagos as flagos
-import pytest
 
 from fl_dispatch.core.config import resolve_policy
 
