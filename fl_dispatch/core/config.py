@@ -19,6 +19,7 @@ import yaml
 
 from .errors import ConfigError, Problem, suggestion
 from .settings import (  # noqa: F401  (re-exported: the names callers use)
+    BY_NAME,
     DEFAULTS,
     EXCLUSIVE,
     POLICY_ENV,
@@ -115,7 +116,7 @@ def load_yaml_policy(path: str | Path, label: str, out: Collector) -> dict[str, 
         return {}
     result: dict[str, Any] = {}
     for key, value in data.items():
-        setting = next((s for s in SETTINGS if s.name == key and s.yaml is not None), None)
+        setting = BY_NAME.get(key)
         if setting is None or setting.yaml is None:
             out.add(label, f"unknown key {key!r}; {suggestion(str(key), YAML_KEYS)}")
             continue
@@ -169,7 +170,7 @@ def detect_platform() -> str | None:
 def _from_env(env: Mapping[str, str], name: str, out: Collector) -> Setting[Any] | None:
     """The value of setting ``name`` from its variables (highest precedence first), or None
     when none is set (or the set one is invalid: the problem is collected)."""
-    for var in next(s for s in SETTINGS if s.name == name).env:
+    for var in BY_NAME[name].env:
         raw = env.get(var.name, "").strip()
         if not raw:
             continue
@@ -198,9 +199,8 @@ def resolve_policy(
         if not setting.policy:
             values[setting.name] = _from_env(env, setting.name, out) or Setting(
                 setting.default, "default")
-    if "platform" not in {k for k, v in values.items() if v.source != "default"}:
-        raw = env.get("VLLM_FL_PLATFORM", "").strip()
-        values["platform"] = Setting(None, "default") if raw else Setting(detect(), "detected")
+    if values["platform"].source == "default" and not env.get("VLLM_FL_PLATFORM", "").strip():
+        values["platform"] = Setting(detect(), "detected")  # unset (not invalid): detect it
 
     user_path = env.get("VLLM_FL_CONFIG", "").strip()
     if user_path:
@@ -226,8 +226,7 @@ def resolve_policy(
                 Setting(plat_layer[key], plat_source) if key in plat_layer
                 else Setting(DEFAULTS[key], "default"))
         for wl, bl in EXCLUSIVE:
-            wl_var = next(v.name for s in SETTINGS if s.name == wl for v in s.env)
-            bl_var = next(v.name for s in SETTINGS if s.name == bl for v in s.env)
+            wl_var, bl_var = BY_NAME[wl].env[0].name, BY_NAME[bl].env[0].name
             if env.get(wl_var, "").strip() and env.get(bl_var, "").strip():
                 out.add(f"env:{wl_var}", f"{wl_var} and {bl_var} are both set; they are "
                         f"mutually exclusive (a whitelist ignores every blacklist): unset one")
