@@ -99,12 +99,22 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def checked(fn: _F) -> _F:
     """Decorator for an impl named after its op (its signature the op's): run the op's
     argument check (:func:`check_args`) before ``fn``. The impl then rejects bad arguments
-    exactly as the reference does, and checks only what its kernels add."""
+    exactly as the reference does, and checks only what its kernels add. A built-in op's
+    check is looked up once, here (an op without one gets ``fn`` back unwrapped); a plugin's
+    op, defined only once the plugins load, is looked up on each call."""
     op = fn.__name__
+    spec = _builtin_specs().get(op)
+    check: Callable[..., None]
+    if spec is None:
+        check = functools.partial(check_args, op)
+    elif spec.check_args is None:
+        return fn
+    else:
+        check = spec.check_args
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        check_args(op, *args, **kwargs)
+        check(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return cast(_F, run)
