@@ -169,6 +169,16 @@ def reference_impl(impls: Sequence[Impl]) -> Impl | None:
     return next((i for i in refs if i.impl_id == "reference.torch"), refs[0] if refs else None)
 
 
+def comparison_reference(registry: Registry, op: str) -> Any:
+    """What ``op``'s impls are compared with: the available reference impl's function, else
+    the op's own definition when it computes (a plugin's stub does not); None when neither."""
+    ref_impl = reference_impl(registry.impls[op])
+    if ref_impl is not None and ref_impl.unavailable_reason() is None:
+        return ref_impl.fn
+    spec = registry.ops[op]
+    return spec.fn if spec.has_reference else None
+
+
 def _describe(exc: BaseException) -> str:
     return f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -251,12 +261,8 @@ def verify_work(registry: Registry, dtypes: Sequence[str], ops: Iterable[str] | 
             rows += [Row(op, i.impl_id, "-", "-", NO_GEN, note="the op declares no input cases "
                          "(@op.cases next to its definition)") for i in usable]
             continue
-        ref_impl = reference_impl(registry.impls[op])
-        if ref_impl is not None and ref_impl.unavailable_reason() is None:
-            ref = ref_impl.fn
-        elif spec.has_reference:
-            ref = spec.fn
-        else:
+        ref = comparison_reference(registry, op)
+        if ref is None:
             rows += [Row(op, i.impl_id, "-", "-", SKIP, note="no available reference impl")
                      for i in usable]
             continue

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .checks import PASS, Row, check_choice, reference_impl, verify_case
+from .checks import PASS, Row, check_choice, comparison_reference, verify_case
 
 if TYPE_CHECKING:
     from fl_dispatch.core.discovery import PluginSet
@@ -118,12 +118,8 @@ def conformance_items(plugin: str, *, modules: Sequence[str] = (), size: str = "
                                   f"cannot be verified (@op.cases next to the op's "
                                   f"definition)", op, impl.impl_id))
                 continue
-            ref_impl = reference_impl(registry.impls[op])
-            if ref_impl is not None and ref_impl.unavailable_reason() is None:
-                ref: Any = ref_impl.fn
-            elif spec.has_reference:
-                ref = spec.fn
-            else:
+            ref = comparison_reference(registry, op)
+            if ref is None:
                 items.append(fail(f"op {op!r} has no reference to compare {impl.impl_id} "
                                   f"with (no available reference impl, and its definition "
                                   f"raises NotImplementedError)", op, impl.impl_id))
