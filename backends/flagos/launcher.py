@@ -104,6 +104,11 @@ def _direct_launcher(compiled: Any) -> tuple[Callable[..., Any], Any, tuple] | N
     return run, function, hooks
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block sizes."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 class TritonKernel:
     """One Triton kernel (a plain function in ``module``), launched through a key cache."""
 

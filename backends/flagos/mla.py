@@ -31,7 +31,7 @@ import torch
 from fl_dispatch import check_args
 
 from .capability import interpreter_enabled
-from .launcher import TritonKernel
+from .launcher import TritonKernel, pow2
 
 _PKG = __package__ or "fl_dispatch_flagos"
 _LOG2E = 1.4426950408889634
@@ -51,10 +51,6 @@ class MLAConfig(NamedTuple):
     num_warps: int
     num_stages: int
     num_splits: int   # KV splits per row (1: no combine kernel)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.lru_cache(maxsize=8)
@@ -84,7 +80,7 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
     outputs; the measured best), at least 256 positions per split, a power of two (combine is
     specialized on it).
     """
-    key = (dtype_bytes, _pow2(rows), _pow2(max(capacity, 1)), _pow2(batch))
+    key = (dtype_bytes, pow2(rows), pow2(max(capacity, 1)), pow2(batch))
     hit = MLA_CONFIGS.get(key)
     if hit is not None:
         block_h, block_n, warps, stages, splits = hit
@@ -104,10 +100,10 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
         waves = 8 if rows <= 32 else 4
         want = -(-waves * num_sms // max(batch * heads, 1))
         most = max(1, capacity // 256)
-        splits = _pow2(max(1, min(want, most)))
+        splits = pow2(max(1, min(want, most)))
         if splits > most:
             splits //= 2
-    block_n = max(16, min(block_n, _pow2(page)))
+    block_n = max(16, min(block_n, pow2(page)))
     return MLAConfig(block_h, block_n, warps, stages, max(1, splits))
 
 
@@ -164,10 +160,10 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
     if config is None:
         config = mla_config(b, rows, capacity, page, d, dv, q.element_size(), _num_sms(dev))
     block_h, block_n, warps, stages, splits = config
-    block_n = max(16, min(block_n, _pow2(page)))
+    block_n = max(16, min(block_n, pow2(page)))
     tile_in_page = page % block_n == 0
-    block_dv = max(16, _pow2(dv))
-    block_dr = max(16, _pow2(d - dv)) if d > dv else 0
+    block_dv = max(16, pow2(dv))
+    block_dr = max(16, pow2(d - dv)) if d > dv else 0
     prec = "ieee" if q.dtype == torch.float32 or interpreter_enabled() else "tf32"
     dot_f32 = q.dtype != torch.float32 and interpreter_enabled()
     heads = -(-rows // block_h)
@@ -197,7 +193,7 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
         ints = (rows, h_q, s_q, splits, o_buf.stride(0), o_buf.stride(1), dv,
                 l_buf.stride(0), l_buf.stride(1), out.stride(0), dv,
                 lse.stride(0), lse.stride(1), lse.stride(2))
-        consts = (dv, block_dv, max(2, _pow2(splits)))
+        consts = (dv, block_dv, max(2, pow2(splits)))
         tensors = (o_buf, l_buf, out, lse)
         key = ("combine", q.dtype, *(t.data_ptr() & 15 for t in tensors), ints, consts, dev)
         COMBINE_KERNEL.launch(key, (rows, b, 1), dev, tensors,

@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .launcher import pow2
+
 _KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "W_EVICT")
 
 
@@ -106,10 +108,6 @@ def device_key(device_name: str | None) -> str:
     return "NVIDIA_H200" if "H200" in name else name
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def heuristic(M: int, E: int, N: int, K: int, k: int, dtype: str) -> dict[str, Any]:
     """A config from the expected tokens per expert (``M*k/E``) when no table matches."""
     tpe = M * k / max(E, 1)
@@ -143,10 +141,10 @@ def heuristic(M: int, E: int, N: int, K: int, k: int, dtype: str) -> dict[str, A
 def _clamp(cfg: dict[str, Any], N: int, K: int) -> dict[str, Any]:
     """Tiles no larger than the (power-of-two rounded) dimensions, and >= 16 for tl.dot."""
     g1, g2 = dict(cfg["gemm1"]), dict(cfg["gemm2"])
-    g1["BLOCK_SIZE_N"] = max(16, min(g1["BLOCK_SIZE_N"], _pow2(N)))
-    g1["BLOCK_SIZE_K"] = max(16, min(g1["BLOCK_SIZE_K"], _pow2(K)))
-    g2["BLOCK_SIZE_N"] = max(16, min(g2["BLOCK_SIZE_N"], _pow2(K)))
-    g2["BLOCK_SIZE_K"] = max(16, min(g2["BLOCK_SIZE_K"], _pow2(N)))
+    g1["BLOCK_SIZE_N"] = max(16, min(g1["BLOCK_SIZE_N"], pow2(N)))
+    g1["BLOCK_SIZE_K"] = max(16, min(g1["BLOCK_SIZE_K"], pow2(K)))
+    g2["BLOCK_SIZE_N"] = max(16, min(g2["BLOCK_SIZE_N"], pow2(K)))
+    g2["BLOCK_SIZE_K"] = max(16, min(g2["BLOCK_SIZE_K"], pow2(N)))
     return {"BLOCK_SIZE_M": max(16, cfg["BLOCK_SIZE_M"]), "gemm1": g1, "gemm2": g2}
 
 

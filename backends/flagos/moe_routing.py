@@ -19,7 +19,7 @@ import torch
 
 from fl_dispatch import checked
 
-from .launcher import TritonKernel
+from .launcher import TritonKernel, pow2
 
 _PKG = __package__ or "fl_dispatch_flagos"
 TOPK_SOFTMAX_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_routing", "topk_softmax_kernel",
@@ -49,10 +49,6 @@ SM_WAVE = 264
 """Programs that fill an H200 twice (132 SMs): routing configs aim for at least this many."""
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -71,16 +67,16 @@ def topk_softmax_config(tokens: int, experts: int, topk: int) -> tuple[int, int]
     """(BLOCK_T rows per program, num_warps) for topk_softmax. At most 2048 scores per
     program (registers: fp32 score, fp32 p, int64 key), at least ~2 waves of programs; one
     warp while a program holds <= 512 scores (all reductions stay in warp shuffles)."""
-    be = _pow2(experts)
-    bt = max(1, min(max(1, 2048 // be), _pow2(_cdiv(tokens, SM_WAVE))))
+    be = pow2(experts)
+    bt = max(1, min(max(1, 2048 // be), pow2(_cdiv(tokens, SM_WAVE))))
     return bt, max(1, min(4, bt * be // 512))
 
 
 @functools.lru_cache(maxsize=4096)
 def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, int]:
     """(BLOCK_T, num_warps) for grouped_topk (same reasoning as topk_softmax)."""
-    be = _pow2(groups) * _pow2(experts // groups)
-    bt = max(1, min(max(1, 2048 // be), _pow2(_cdiv(tokens, SM_WAVE))))
+    be = pow2(groups) * pow2(experts // groups)
+    bt = max(1, min(max(1, 2048 // be), pow2(_cdiv(tokens, SM_WAVE))))
     return bt, max(1, min(4, bt * be // 512))
 
 
@@ -95,7 +91,7 @@ def align_config(numel: int, experts: int, block_size: int) -> tuple[bool, int, 
     = BLOCK_N (all routes in registers). Else TILE routes per program of the count and
     scatter kernels (>= ~1 wave of programs at 16k tokens x 8), scan_warps for the scan."""
     if numel <= SMALL_ALIGN_MAX:
-        tile = max(16, _pow2(numel))
+        tile = max(16, pow2(numel))
         return True, tile, 4 if tile <= 1024 else 8, 0
     tile = 1024 if numel <= 1 << 18 else 2048
     return False, tile, 4, 8
@@ -105,7 +101,7 @@ def align_config(numel: int, experts: int, block_size: int) -> tuple[bool, int, 
 def moe_sum_config(tokens: int, hidden: int, topk: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, num_warps) for moe_sum: 1024 columns x 1 row, 4 warps (8 bf16 per
     thread per load, k independent loads in flight)."""
-    bh = min(1024, _pow2(hidden))
+    bh = min(1024, pow2(hidden))
     bt = 1
     return bt, bh, max(1, min(4, bt * bh // 256))
 
@@ -192,7 +188,7 @@ def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
     def launch(w: torch.Tensor, ids: torch.Tensor, tei: torch.Tensor) -> None:
         _launch(TOPK_SOFTMAX_KERNEL, (_cdiv(tokens, bt), 1, 1),
                 (g, bias if has_bias else g, w, ids, tei), (tokens, experts, g.stride(0)),
-                (topk, has_bias, bool(renormalize), bt, _pow2(experts), _pow2(topk)), warps)
+                (topk, has_bias, bool(renormalize), bt, pow2(experts), pow2(topk)), warps)
 
     write_contiguous(launch, topk_weights, topk_ids, token_expert_indices)
     return None
@@ -227,7 +223,7 @@ def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, t
             (s, bias if has_bias else s, weights, ids),
             (tokens, s.stride(0), float(routed_scaling_factor)),
             (num_expert_group, epg, topk, topk_group, int(scoring_func), has_bias,
-             bool(renormalize), bt, _pow2(num_expert_group), _pow2(epg), _pow2(topk)),
+             bool(renormalize), bt, pow2(num_expert_group), pow2(epg), pow2(topk)),
             warps)
     return weights, ids
 
@@ -279,7 +275,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     has_map = expert_map is not None
     dev = flat.device
     small, tile, warps, scan_warps = align_config(numel, num_experts, block_size)
-    block_e = _pow2(num_experts + 1)  # bin E collects the skipped routes
+    block_e = pow2(num_experts + 1)  # bin E collects the skipped routes
     if small:
         cursor = torch.empty(block_e, dtype=torch.int32, device=dev)
         _launch(ALIGN_SMALL_KERNEL, (1, 1, 1),
@@ -294,7 +290,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     _launch(ALIGN_COUNT_KERNEL, (n_tiles, 1, 1), (flat, counts, sorted_token_ids),
             (numel, num_experts, sorted_len, fill),
             (tile, block_e, 1024), warps)
-    block_tiles = max(1, min(_pow2(n_tiles), 8192 // block_e))
+    block_tiles = max(1, min(pow2(n_tiles), 8192 // block_e))
     _launch(ALIGN_SCAN_KERNEL, (1, 1, 1),
             (counts, experts_ids, num_tokens_post_pad, expert_map if has_map else counts),
             (n_tiles, num_experts, block_size, eids_len),

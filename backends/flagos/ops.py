@@ -17,7 +17,7 @@ import torch
 from fl_dispatch import ImplTable, bad_approximate
 
 from .capability import unavailable_reason
-from .launcher import TritonKernel
+from .launcher import TritonKernel, pow2
 
 impls = ImplTable(impl_id="default.flagos", kind="flagos", check=unavailable_reason)
 """Our Triton kernels, one impl per op (each decorated where it is defined)."""
@@ -31,10 +31,6 @@ KERNELS = (ACT_KERNEL, NORM_KERNEL, ROTARY_KERNEL)
 
 _GELU_CODES = {"none": 1, "tanh": 2}
 _INT32_MAX = 2**31 - 1
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:
@@ -70,7 +66,7 @@ def act_config(rows: int, d: int, act: int = 0) -> tuple[int, int, int]:
         block, warps = 1024, 4
     else:
         block, warps = (1024, 8) if act == 0 else (2048, 8)  # gelu: more work per program
-    block = min(block, _pow2(d))
+    block = min(block, pow2(d))
     stream = 2 if rows * d >= 1 << 23 else 0
     return block, max(1, min(warps, block // 128)), stream
 
@@ -78,10 +74,10 @@ def act_config(rows: int, d: int, act: int = 0) -> tuple[int, int, int]:
 @functools.lru_cache(maxsize=4096)
 def norm_config(rows: int, n_cols: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps) for rms_norm."""
-    block_n = _pow2(n_cols)
+    block_n = pow2(n_cols)
     if block_n > 8192:
         return 1, 4096, False, 8
-    block_m = max(1, min(16, 1024 // block_n, _pow2(rows)))
+    block_m = max(1, min(16, 1024 // block_n, pow2(rows)))
     warps = 16 if rows <= 64 else 8 if rows < 1024 else 4  # decode: latency; prefill: occupancy
     return block_m, block_n, True, max(1, min(warps, block_m * block_n // 256))
 
@@ -90,7 +86,7 @@ def norm_config(rows: int, n_cols: int) -> tuple[int, int, bool, int]:
 def rotary_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps) for rotary: few heads per program at decode sizes (more
     programs), all heads of a token at prefill sizes (fewer, longer programs)."""
-    block_r = _pow2(half)
+    block_r = pow2(half)
     if tokens <= 16:
         block_h = 1
     elif tokens <= 64:
@@ -99,7 +95,7 @@ def rotary_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
         block_h = 8
     else:
         block_h = 32
-    block_h = min(block_h, _pow2(heads))
+    block_h = min(block_h, pow2(heads))
     return block_r, block_h, max(1, min(8, block_h * block_r // 128))
 
 
