@@ -9,14 +9,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fl_dispatch.core.config import Policy, resolve_policy
+from fl_dispatch.core.config import Policy
 from fl_dispatch.core.discovery import PluginSet, load_plugins
 from fl_dispatch.core.errors import ConfigError, Problem
 
-
-def _load(env: dict[str, str] | None = None) -> tuple[Policy, PluginSet]:
-    policy = resolve_policy(env)
-    return policy, load_plugins(policy.plugin_modules.value)
+from .common import ToolError, fail, load
 
 
 def _registry_problems(policy: Policy, plugins: PluginSet,
@@ -31,7 +28,7 @@ def _registry_problems(policy: Policy, plugins: PluginSet,
 
 # --------------------------------------------------------------------------- plugins
 def cmd_plugins(args: argparse.Namespace) -> int:
-    policy, plugins = _load()
+    plugins = load().plugins
     rows = []
     for r in plugins.records:
         reason = r.unavailable_reason()
@@ -99,14 +96,12 @@ def explain_data(policy: Policy, plugins: PluginSet, op: str | None = None) -> d
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    policy, plugins = _load()
+    try:
+        loaded = load([args.op] if args.op else None)
+    except ToolError as exc:
+        return fail("explain", str(exc))
+    policy, plugins = loaded.policy, loaded.plugins
     problems = _registry_problems(policy, plugins, with_plugin_errors=False)
-    if args.op and args.op not in plugins.registry.ops:
-        from fl_dispatch.core.errors import suggestion
-
-        print(f"fl-dispatch: unknown op {args.op!r}; "
-              f"{suggestion(args.op, plugins.registry.ops)}", file=sys.stderr)
-        return 2
     data = explain_data(policy, plugins, args.op)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -147,7 +142,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         env["VLLM_FL_CONFIG"] = args.file
         what = args.file
     try:
-        policy, plugins = _load(env)
+        loaded = load(env=env)
+        policy, plugins = loaded.policy, loaded.plugins
     except ConfigError as exc:
         problems = list(exc.problems)
         if exc.policy is not None:  # the valid rest: check its names against the backends
