@@ -10,6 +10,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -34,3 +36,30 @@ def test_kernels_bench_skips_ops_an_impl_does_not_serve() -> None:
     assert not kernels.serves(flaggems, "rotary_neox")
     assert kernels.serves(flaggems, "fused_add_rms_norm") and kernels.serves(flagos,
                                                                             "rotary_neox")
+
+
+@pytest.mark.vllm
+def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: Path) -> None:
+    """bench/vllm_gpu.py on the CPU build (--tiny): two engines alive at once, timed in
+    alternation, the reference backend's greedy tokens and teacher-forced log-probabilities
+    equal stock's, and every vLLM process that loaded the plugin logged its line."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(BENCH / "vllm_gpu.py"), "--tiny", "--configs", "stock,reference",
+           "--batches", "1,3", "--rounds", "1", "--max-tokens", "3", "--check-prompts", "2",
+           "--check-tokens", "3", "--mem", "0.08", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "vllm_gpu-llama3-8b-tiny.json").read_text())
+    assert result["errors"] == {}
+    assert set(result["timing"]) == {"stock", "reference"}
+    for name in ("stock", "reference"):
+        assert result["timing"][name]["1"]["n"] == 1 and result["timing"][name]["3"]["median"] > 0
+    ref = result["agreement"]["reference"]
+    assert ref["requests_equal"] == "2/2" and ref["first_diff"] is None
+    assert ref["forced_positions"] == 2 * 3 and ref["forced_dlogprob_max"] < 1e-4
+    procs = result["processes"]["reference"]
+    assert any("process=EngineCore" in p or "rank=0" in p for p in procs), procs
+    assert result["processes"]["stock"] == []  # plugin off: no process loaded it
+    assert (tmp_path / "vllm_gpu-llama3-8b-tiny.md").read_text().count("| reference |") == 2
