@@ -78,9 +78,11 @@ def _has_ops() -> bool:
 
 
 def load_moe_ops() -> str | None:
-    """Make ``torch.ops._moe_C`` available: ``import vllm._moe_C``, else the library at
+    """Make ``torch.ops._moe_C`` available: ``import vllm._moe_C`` (or, in the CUDA build
+    since vLLM 0.25, ``vllm._moe_C_stable_libtorch``), else the library at
     ``$FL_DISPATCH_VLLM_MOE_C``. None on success, else why not."""
-    errors = load_extension("vllm._moe_C", LIBRARY_ENV, _has_ops)
+    errors = load_extension(("vllm._moe_C", "vllm._moe_C_stable_libtorch"), LIBRARY_ENV,
+                            _has_ops)
     if not errors:
         return None
     return "vLLM's MoE ops (torch.ops._moe_C) are not loadable (" + "; ".join(errors) + ")"

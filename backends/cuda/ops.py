@@ -33,35 +33,32 @@ impls = ImplTable(impl_id="vendor.cuda", kind="vendor", vendor="cuda",
 
 def load_vllm_ops() -> str | None:
     """Make ``torch.ops._C`` available; None on success, else why it is not."""
-    if hasattr(torch.ops._C, "rms_norm"):
+    errors = load_extension(VLLM_C_MODULES, LIBRARY_ENV, lambda: hasattr(torch.ops._C,
+                                                                         "rms_norm"))
+    if not errors:
         return None
-    errors = []
-    try:
-        import vllm._C  # noqa: F401
-    except Exception as exc:  # ImportError, or a CPU-only build
-        errors.append(f"import vllm._C: {type(exc).__name__}: {exc}")
-    path = os.environ.get(LIBRARY_ENV)
-    if path and not hasattr(torch.ops._C, "rms_norm"):
-        try:
-            torch.ops.load_library(path)
-        except Exception as exc:
-            errors.append(f"{LIBRARY_ENV}={path}: {type(exc).__name__}: {exc}")
-    if hasattr(torch.ops._C, "rms_norm"):
-        return None
-    return "vLLM's CUDA ops are not loadable (" + "; ".join(errors or ["not found"]) + ")"
+    return "vLLM's CUDA ops are not loadable (" + "; ".join(errors) + ")"
 
 
-def load_extension(module: str, env: str, loaded: Callable[[], bool]) -> list[str]:
-    """Make a vLLM extension's ``torch.ops`` available: ``import <module>``, else
-    ``torch.ops.load_library($<env>)``. ``[]`` once ``loaded()``, else why not (one entry per
-    attempt, and that ``env`` is not set)."""
+VLLM_C_MODULES = ("vllm._C", "vllm._C_stable_libtorch")
+"""Where vLLM keeps ``torch.ops._C``: ``vllm._C`` (the CPU build, older CUDA builds), or
+``vllm._C_stable_libtorch`` (the CUDA build since 0.25, built against torch's stable ABI)."""
+
+
+def load_extension(modules: str | tuple[str, ...], env: str,
+                   loaded: Callable[[], bool]) -> list[str]:
+    """Make a vLLM extension's ``torch.ops`` available: import the first of ``modules`` that
+    imports, else ``torch.ops.load_library($<env>)``. ``[]`` once ``loaded()``, else why not
+    (one entry per attempt, and that ``env`` is not set)."""
     if loaded():
         return []
     errors = []
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or a CPU-only build
-        errors.append(f"import {module}: {type(exc).__name__}: {exc}")
+    for module in (modules,) if isinstance(modules, str) else modules:
+        try:
+            importlib.import_module(module)
+            break
+        except Exception as exc:  # ImportError, or a CPU-only build
+            errors.append(f"import {module}: {type(exc).__name__}: {exc}")
     path = os.environ.get(env)
     if path and not loaded():
         try:
