@@ -10,8 +10,12 @@ in place on q/k views of a fused qkv buffer, cos/sin cache from real angles). Ev
 first checked against the eager reference on fresh inputs; timings use other inputs (in-place
 ops repeated on one buffer drift). Device time: ``triton.testing.do_bench_cudagraph`` median
 (CUDA graph replay, no launch gaps). Host time: eager calls in a loop, wall clock per call.
-``--sweep`` times launch configurations of our kernels instead (for tuning ``ops.*_config``);
-``--host`` only the host-time table.
+``--sweep`` times launch configurations of our kernels instead (for tuning ``ops.*_config``;
+by default gelu_and_mul in both erf forms, silu_and_mul, rms_norm and the fused add + norm at
+1-16384 tokens, each next to vLLM's op timed in the same run, with percent of copy bandwidth,
+a summary line per op and size, and a ready ``TUNED`` entry for ``backends/flagos/ops.py``;
+``--sweep --plan`` prints its size and time estimate only; ``sweep.partial.txt`` under
+``--out`` keeps the lines of a run that is cut short); ``--host`` only the host-time table.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import triton
 from fl_dispatch_flagos import flaggems
 from fl_dispatch_flagos import ops as flagos
+from fl_dispatch_flagos.launcher import pow2
 from triton.testing import do_bench, do_bench_cudagraph
 
 import fl_dispatch.core.ops as ref
@@ -158,19 +163,24 @@ OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "gelu_and_mul", "rotary
 # ----------------------------------------------------------------------------- measuring
 
 def copy_bandwidth() -> float:
-    """Measured device-to-device copy bandwidth, bytes/s (read + write counted)."""
+    """Measured device-to-device copy bandwidth, bytes/s (read + write counted): the better
+    of ``copy_`` (a memcpy) and an elementwise kernel (``mul(a, 1, out=b)``), as
+    ``fl-dispatch bench`` measures it (on an H100 the memcpy reached 2.44 TB/s, the
+    elementwise copy 3.0)."""
     a = torch.empty(2**29, dtype=torch.bfloat16, device=DEV).normal_()
     b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    ms = min(do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median"),
+             do_bench(lambda: torch.mul(a, 1, out=b), warmup=50, rep=300,
+                      return_mode="median"))
     return 2 * 2**30 / (ms * 1e-3)
 
 
-def device_us(case: Case, impl: Any) -> float:
+def device_us(case: Case, impl: Any, rep: int = 30) -> float:
     a = case.inputs()
     fn = lambda: case.call(impl, a)
     fn(), fn()
     torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+    return do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
 def host_us(fn: Callable[[], Any], n: int = 400, rounds: int = 7) -> float:
@@ -222,56 +232,231 @@ def allclose(case: Case, impl: Any) -> bool:
 
 # ----------------------------------------------------------------------------- sweep
 
-def _sweep_variants() -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """op -> [(label, module attributes of ops to override)]."""
-    act = [(f"{b},{w},s{st}", {"act_config": (lambda *a, _c=(b, w, st): _c)})
-           for b, w in ((256, 2), (512, 2), (512, 4), (1024, 4), (1024, 8), (2048, 4),
-                        (2048, 8), (4096, 8), (4096, 16)) for st in (0, 1, 2)]
-    norm = [(f"{m},{w}", {"norm_config": (lambda *a, _c=(m, 4096, True, w): _c)})
-            for m, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16))]
-    rope = [(f"{bh},{w}", {"rotary_config": (lambda *a, _c=(64, bh, w): _c)})
-            for bh, w in ((1, 1), (2, 1), (4, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8),
-                          (32, 16))]
-    return {"silu_and_mul": act, "gelu_and_mul": act, "rms_norm": norm,
-            "rotary_embedding": rope}
+SWEEP_OPS = ("gelu_and_mul", "silu_and_mul", "rms_norm", "fused_add_rms_norm")
+"""The ops ``--sweep`` tunes unless ``--ops`` says otherwise (``rotary_neox`` also works)."""
+SWEEP_SIZES = (1, 16, 64, 256, 4096, 16384)
+ACT_CODE = {"silu_and_mul": 0, "gelu_and_mul": 1}
+TUNED_KIND = {"silu_and_mul": "silu", "gelu_and_mul": "gelu", "rms_norm": "rms_norm",
+              "fused_add_rms_norm": "fused_add_rms_norm"}
+
+
+def _act_variant(block: int, warps: int, stream: int, act: int) -> tuple[str, dict, tuple]:
+    """A fixed act_and_mul config; ``act`` 1 (libdevice erf) or 3 (fast erfc) for gelu."""
+    form = {0: "", 1: "lib:", 3: "fast:"}[act]
+
+    def cfg(rows: int, d: int, act_in: int = 0, dev: int = -1,
+            _c: tuple = (block, warps, stream, act)) -> tuple[int, int, int, int]:
+        return _c[:3] + ((_c[3] if act_in in (1, 3) else act_in),)
+
+    return f"{form}{block},{warps},s{stream}", {"act_config": cfg}, (block, warps, stream, act)
+
+
+def _norm_variant(block_m: int, warps: int, stream: int) -> tuple[str, dict, tuple]:
+    def cfg(rows: int, n_cols: int, residual: bool = False, dev: int = -1) -> tuple:
+        return block_m, pow2(n_cols), True, warps, stream
+
+    return f"{block_m},{warps},s{stream}", {"norm_config": cfg}, (block_m, warps, stream)
+
+
+def _sweep_variants(op: str, tokens: int) -> list[tuple[str, dict[str, Any], tuple]]:
+    """[(label, module attributes of ops to override, the config as a TUNED entry)] for
+    ``op`` at ``tokens``: decode sizes (inputs in L2) without cache hints, prefill sizes with
+    and without them; gelu in both erf forms."""
+    if op in ACT_CODE:
+        if tokens <= 64:
+            pairs, streams = ((256, 2), (512, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8)), (0,)
+        elif tokens <= 1024:
+            pairs, streams = ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8),
+                              (4096, 8)), (0,)
+        else:
+            pairs, streams = ((1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8),
+                              (4096, 16), (8192, 16)), (0, 2)
+        forms = (1, 3) if op == "gelu_and_mul" else (0,)
+        return [_act_variant(b, w, st, a) for a in forms for b, w in pairs for st in streams]
+    if op in ("rms_norm", "fused_add_rms_norm"):
+        if tokens == 1:
+            trip, streams = ((1, 4), (1, 8), (1, 16), (1, 32)), (0,)
+        elif tokens <= 64:
+            trip, streams = ((1, 4), (1, 8), (1, 16), (1, 32), (2, 16)), (0,)
+        elif tokens <= 1024:
+            trip, streams = ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16)), (0,)
+        else:
+            trip, streams = ((1, 2), (1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16)), (0, 2)
+        return [_norm_variant(m, w, st) for m, w in trip for st in streams]
+    if op == "rotary_neox":
+        return [(f"{bh},{w}", {"rotary_config": (lambda *a, _c=(64, bh, w): _c)}, (bh, w))
+                for bh, w in ((1, 1), (2, 1), (4, 2), (8, 4), (16, 4), (16, 8), (32, 4),
+                              (32, 8), (32, 16))]
+    raise ValueError(f"--sweep: no variants for {op!r}")
+
+
+def _default_entry(op: str, tokens: int) -> tuple | None:
+    """The config ops.py picks now for ``op`` at ``tokens`` (as a TUNED entry)."""
+    dev = torch.cuda.current_device()
+    if op in ACT_CODE:
+        return tuple(flagos.act_config(tokens, INTER, ACT_CODE[op], dev))
+    if op in ("rms_norm", "fused_add_rms_norm"):
+        m, _, _, w, st = flagos.norm_config(tokens, HIDDEN, op == "fused_add_rms_norm", dev)
+        return (m, w, st)
+    return None
+
+
+def _with(attrs: dict[str, Any], fn: Callable[[], Any]) -> Any:
+    saved = {k: getattr(flagos, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(flagos, k, v)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            setattr(flagos, k, v)
+
+
+def sweep_plan(ops: tuple[str, ...], sizes: tuple[int, ...], vllm: bool) -> tuple[int, float]:
+    """(timings, estimated seconds) of a sweep: each variant is checked and timed once; per
+    op and size also vLLM twice (before and after), the default unless it is a variant, and
+    the best variant once more. About 0.45 s per timing (do_bench_cudagraph's 10 x 30 ms plus
+    capture) and 0.6 s per compiled variant."""
+    timings, compiles = 0, set()
+    for op in ops:
+        for tokens in sizes:
+            variants = _sweep_variants(op, tokens)
+            timings += len(variants) + 2 + (2 if vllm else 0)
+            compiles |= {(op, label) for label, _, _ in variants}
+    return timings, timings * 0.45 + len(compiles) * 0.6
 
 
 def sweep(out: list[str], sizes: tuple[int, ...], ops: tuple[str, ...] | None = None,
-          vllm: Any = None) -> dict[str, Any]:
-    """Device time of each launch configuration; ``vllm`` (vLLM's ops, when loaded) is timed
-    on the same case for reference."""
-    results: dict[str, Any] = {}
-    for op, variants in _sweep_variants().items():
-        if ops and op not in ops:
-            continue
+          vllm: Any = None, rep: int = 30, log: Callable[[str], None] = print
+          ) -> dict[str, Any]:
+    """Device time of each launch configuration next to vLLM's op (``vllm``, when loaded),
+    timed in the same run; percent of the measured copy bandwidth; a summary per op and size
+    and the TUNED entries (ops.py) that the results give."""
+    ops = ops or SWEEP_OPS
+    n, est = sweep_plan(ops, sizes, vllm is not None)
+
+    def emit(line: str) -> None:
+        out.append(line)
+        log(line)
+
+    emit(f"sweep plan: {len(ops)} ops x {len(sizes)} sizes, {n} timings, estimated "
+         f"{est / 60:.1f} min")
+    peak = copy_bandwidth()
+    emit(f"measured device copy bandwidth {peak / 1e12:.3f} TB/s (read + write; best of "
+         f"copy_ and an elementwise kernel)")
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {"peak_Bps": peak}
+    summary: list[str] = []
+    tuned: dict[str, list[tuple[int, tuple]]] = {}
+    for op in ops:
         for tokens in sizes:
             case = Case(op, tokens)
-            row = {}
-            for label, attrs in variants:
-                saved = {k: getattr(flagos, k) for k in attrs}
-                for k, v in attrs.items():
-                    setattr(flagos, k, v)
+            timed = lambda impl: round(device_us(case, impl, rep), 2)
+            pct = lambda us: 100 * case.bytes / (us * 1e-6) / peak
+            v_before = timed(vllm) if vllm is not None else None
+            row: dict[str, Any] = {}
+            entries: dict[str, tuple] = {}
+            for label, attrs, entry in _sweep_variants(op, tokens):
+                entries[label] = entry
                 try:
-                    ok = check(case, flagos)[0]
-                    row[label] = round(device_us(case, flagos), 2) if ok else "WRONG"
+                    ok = _with(attrs, lambda: check(case, flagos)[0])
+                    row[label] = _with(attrs, lambda: timed(flagos)) if ok else "WRONG"
                 except Exception as exc:
-                    row[label] = f"ERR {type(exc).__name__}"
-                finally:
-                    for k, v in saved.items():
-                        setattr(flagos, k, v)
+                    row[label] = f"ERR {type(exc).__name__}: {str(exc)[:80]}"
             times = {k: v for k, v in row.items() if isinstance(v, float)}
-            best = min(times, key=times.get) if times else None
-            dflt = round(device_us(case, flagos), 2)
-            ref_us = round(device_us(case, vllm), 2) if vllm is not None else None
-            line = (f"sweep {op:19s} T={tokens:6d} default {dflt} us, best {best} "
-                    f"{times.get(best)} us, vLLM {ref_us} us | "
-                    + " ".join(f"{k}:{v}" for k, v in row.items()))
-            print(line, flush=True)
-            out.append(line)
-            results[f"{op}/{tokens}"] = {"default_us": dflt, "best": best, "all": row,
-                                         "vllm_us": ref_us}
+            dflt_entry = _default_entry(op, tokens)
+            dflt_label = next((k for k, e in entries.items() if e == dflt_entry), None)
+            dflt = times.get(dflt_label) if dflt_label else timed(flagos)
+            best = min(times, key=times.__getitem__) if times else None
+            best_re = _with(_sweep_variants_by_label(op, tokens)[best],
+                            lambda: timed(flagos)) if best else None
+            v_after = timed(vllm) if vllm is not None else None
+            v_us = min(v_before, v_after) if v_before and v_after else None
+            forms = {}
+            if op == "gelu_and_mul":
+                by_label = _sweep_variants_by_label(op, tokens)
+                for form in ("lib:", "fast:"):
+                    ft = {k: v for k, v in times.items() if k.startswith(form)}
+                    if ft:
+                        k = min(ft, key=ft.__getitem__)
+                        forms[form[:-1]] = (k, ft[k])
+                        emit(f"agree {op} T={tokens} {form[:-1]}: "
+                             + _with(by_label[k], lambda: _agreement(case, vllm)))
+            # the entry for TUNED: the best when it beats the default by 1 %, else the default
+            best_us = best_re if best_re is not None else times.get(best) if best else None
+            keep = best_us is None or dflt is None or best_us > 0.99 * dflt
+            choice = dflt_entry if keep else entries[best]
+            choice_us = dflt if keep else best_us
+            if choice is not None and op in TUNED_KIND:
+                tuned.setdefault(TUNED_KIND[op], []).append((tokens, choice))
+            line = (f"sweep {op:19s} T={tokens:6d} vLLM {v_before}/{v_after} us | default "
+                    f"{dflt_entry} {dflt} us | best {best} {times.get(best)} us "
+                    f"(re-timed {best_re}) | " + " ".join(f"{k}:{v}" for k, v in row.items()))
+            emit(line)
+            ratio = f"{v_us / choice_us:.3f}" if v_us and choice_us else "-"
+            s_line = (f"summary {op:19s} T={tokens:6d} choice {choice} "
+                      f"{'(default)' if keep else '(best)'} {choice_us} us "
+                      f"{pct(choice_us) if choice_us else 0:.1f}% of copy | vLLM {v_us} us "
+                      f"{pct(v_us) if v_us else 0:.1f}% | x vLLM {ratio}")
+            if forms:
+                s_line += " | " + " ".join(f"best {f} {k} {us} us ({pct(us):.1f}%)"
+                                           for f, (k, us) in forms.items())
+            summary.append(s_line)
+            log(s_line)
+            results[f"{op}/{tokens}"] = {
+                "default": dflt_entry, "default_us": dflt, "best": best, "best_entry":
+                entries.get(best), "best_us": times.get(best), "best_retimed_us": best_re,
+                "choice": choice, "choice_us": choice_us, "vllm_us": [v_before, v_after],
+                "pct_copy": pct(choice_us) if choice_us else None, "forms": forms, "all": row}
             torch.cuda.empty_cache()
+    emit(f"sweep took {time.perf_counter() - t_start:.0f} s")
+    out.extend(summary)
+    log("\n".join(summary))
+    name = torch.cuda.get_device_name()
+    key = "H200" if "H200" in name else name
+    lines = [f"# backends/flagos/ops.py TUNED entry from this sweep ({name}); "
+             "rows below a size's log-midpoint with the next smaller size use the smaller one",
+             f"TUNED[{key!r}] = {{"]
+    for kind, entries_ in tuned.items():
+        cut = _min_rows([t for t, _ in entries_])
+        lines.append(f"    {kind!r}: ("
+                     + ", ".join(f"({m}, {c})" for m, (_, c) in zip(cut, entries_)) + ",),")
+    lines.append("}")
+    for line in lines:
+        emit(line)
+    results["tuned"] = {k: [(m, c) for m, (_, c) in zip(_min_rows([t for t, _ in v]), v)]
+                        for k, v in tuned.items()}
     return results
+
+
+def _agreement(case: Case, vllm: Any) -> str:
+    """How our result agrees with the eager reference and with vLLM's op on one input: the
+    tolerance table, max abs error, fraction of bit-identical elements."""
+    a = case.inputs()
+    got = case.outputs(a, case.call(flagos, case.clone(a)))[0]
+    parts = []
+    for name, impl in (("eager", ref), ("vLLM", vllm)):
+        if impl is None:
+            continue
+        want = case.outputs(a, case.call(impl, case.clone(a)))[0]
+        tol = tolerance(None, DT)
+        close = torch.allclose(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
+        diff = (got.float() - want.float()).abs().max().item()
+        same = (got == want).float().mean().item()
+        parts.append(f"vs {name}: allclose {'yes' if close else 'NO'}, max abs {diff:.3g}, "
+                     f"bit-identical {100 * same:.3f}%")
+    return "; ".join(parts)
+
+
+def _min_rows(sizes: list[int]) -> list[int]:
+    """TUNED ``min_rows`` of each swept size: 1 for the smallest, else just above the
+    geometric midpoint with the next smaller size (1, 16, 64, 256, 4096, 16384 -> 1, 5, 33,
+    129, 1025, 8193)."""
+    return [1] + [int((a * b) ** 0.5) + 1 for a, b in zip(sizes, sizes[1:])]
+
+
+def _sweep_variants_by_label(op: str, tokens: int) -> dict[str, dict[str, Any]]:
+    return {label: attrs for label, attrs, _ in _sweep_variants(op, tokens)}
 
 
 # ----------------------------------------------------------------------------- main
@@ -463,6 +648,10 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="only the host-time table")
     parser.add_argument("--ops", default="", help="--sweep: only these ops (comma-separated)")
     parser.add_argument("--sizes", default="", help="--sweep: these token counts (comma-sep.)")
+    parser.add_argument("--rep", type=int, default=30,
+                        help="--sweep: do_bench_cudagraph's rep (ms of replay per timing)")
+    parser.add_argument("--plan", action="store_true",
+                        help="--sweep: print the number of timings and the estimate only")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     global CACHE
@@ -473,12 +662,28 @@ def main() -> None:
     print(head, flush=True)
     lines.append(head)
     if args.sweep:
-        sizes = (1, 16, 64, 256, 4096, 16384) if not args.quick else (1, 16384)
+        sizes = SWEEP_SIZES if not args.quick else (1, 16384)
         if args.sizes:
             sizes = tuple(int(t) for t in args.sizes.split(","))
+        ops = tuple(o for o in args.ops.split(",") if o) or SWEEP_OPS
+        if args.plan:
+            n, est = sweep_plan(ops, sizes, True)
+            print(f"sweep plan: {n} timings, estimated {est / 60:.1f} min")
+            return
         vllm = _impls().get("vllm_cuda")
-        res = sweep(lines, sizes, tuple(o for o in args.ops.split(",") if o),
-                    None if isinstance(vllm, str) else vllm)
+        if isinstance(vllm, str):
+            print(f"vLLM's ops unavailable: {vllm}", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        partial = open(os.path.join(args.out, "sweep.partial.txt"), "w")  # survives a timeout
+
+        def log(line: str) -> None:
+            print(line, flush=True)
+            partial.write(line + "\n")
+            partial.flush()
+
+        with partial:
+            res = sweep(lines, sizes, ops, None if isinstance(vllm, str) else vllm,
+                        args.rep, log)
         _write(args.out, "sweep", lines, res)
         return
     if args.host:

@@ -596,7 +596,7 @@ def test_interpreter_works_when_triton_was_imported_without_it():
 def test_act_and_mul_streaming_variants(monkeypatch, stream):
     """The cache-hint variants used for tensors larger than L2 compute the same."""
     ops = _ops()
-    monkeypatch.setattr(ops, "act_config", lambda rows, d, act: (64, 2, stream))
+    monkeypatch.setattr(ops, "act_config", lambda rows, d, act, dev: (64, 2, stream, act))
     x = _randn(3, 2 * 100, dtype=torch.bfloat16, scale=3.0)
     _close(ops.silu_and_mul(x), ref.silu_and_mul(x))
     _close(ops.gelu_and_mul(x, "tanh"), ref.gelu_and_mul(x, "tanh"))
@@ -652,3 +652,50 @@ def test_cached_launch_argument_layout(monkeypatch, cls, scratch, direct):
         assert args == (2, 3, 1, 77, 1234, False, True, None, None) + tail
     else:
         assert args == (2, 3, 1, 77, 1234) + tail
+
+
+@pytest.mark.parametrize("stream", [0, 1, 2])
+@pytest.mark.parametrize("block_m", [1, 2])
+def test_rms_norm_streaming_and_row_block_variants(monkeypatch, stream, block_m):
+    """The norm configurations the sweep tries (cache hints, rows per program) compute the
+    same, plain and fused."""
+    ops = _ops()
+    monkeypatch.setattr(ops, "norm_config",
+                        lambda rows, n, res=False, dev=-1: (block_m, 128, True, 2, stream))
+    x = _randn(5, 100, dtype=torch.bfloat16, scale=2.0)
+    w = _randn(100, dtype=torch.bfloat16)
+    _close(ops.rms_norm(x, w, EPS), ref.rms_norm(x, w, EPS))
+    r = _randn(5, 100, dtype=torch.bfloat16)
+    xa, ra, xb, rb = x.clone(), r.clone(), x.clone(), r.clone()
+    ops.rms_norm(xa, w, EPS, ra)
+    ref.rms_norm(xb, w, EPS, rb)
+    _close(xa, xb)
+    _close(ra, rb)
+
+
+def test_tuned_configs_replace_the_defaults_per_device(monkeypatch):
+    """ops.TUNED: per device and size class; rows below the first entry, other devices, CPU
+    tensors and other row widths (norms) keep the defaults."""
+    ops = _ops()
+    table = {"gelu": ((1, (512, 4, 0, 1)), (1025, (4096, 16, 2, 3))),
+             "rms_norm": ((5, (2, 16, 0)),), "fused_add_rms_norm": ((1, (1, 8, 2)),)}
+    monkeypatch.setattr(ops, "TUNED", {"FakeGPU": table})
+    monkeypatch.setattr(ops.torch.cuda, "get_device_name",
+                        lambda dev=None: "NVIDIA FakeGPU" if dev == 0 else "Other")
+    for fn in (ops._device_tuning, ops.act_config, ops.norm_config):
+        fn.cache_clear()
+    try:
+        assert ops.act_config(16, 14336, 1, 0) == (512, 4, 0, 1)
+        assert ops.act_config(1024, 14336, 1, 0) == (512, 4, 0, 1)
+        assert ops.act_config(16384, 14336, 1, 0) == (4096, 16, 2, 3)
+        assert ops.act_config(16384, 1000, 1, 0) == (1024, 8, 2, 3)  # clamped to the row
+        default_gelu = ops.act_config(16384, 14336, 1, -1)
+        assert default_gelu[3] == 1 and ops.act_config(16384, 14336, 1, 1) == default_gelu
+        assert ops.act_config(16384, 14336, 0, 0)[3] == 0  # silu: no entry, default
+        assert ops.norm_config(64, 4096, False, 0) == (2, 4096, True, 16, 0)
+        assert ops.norm_config(4, 4096, False, 0) == ops.norm_config(4, 4096, False, -1)
+        assert ops.norm_config(1, 4096, True, 0) == (1, 4096, True, 8, 2)
+        assert ops.norm_config(64, 1024, False, 0) == ops.norm_config(64, 1024, False, -1)
+    finally:
+        for fn in (ops._device_tuning, ops.act_config, ops.norm_config):
+            fn.cache_clear()

@@ -21,10 +21,13 @@ def rms_norm_kernel(
     n_rows, n_cols, stride_x, stride_res, stride_out, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
     """Program: rows [pid*BLOCK_M, +BLOCK_M). SINGLE_PASS: a whole row fits in BLOCK_N;
     otherwise (BLOCK_M == 1) two passes over BLOCK_N chunks, recomputing ``s`` in the second
-    so that the normalized value comes from the unrounded fp32 sum, as in the reference."""
+    so that the normalized value comes from the unrounded fp32 sum, as in the reference.
+    STREAM (single pass only; for tensors larger than L2): 1 loads x and the residual with
+    evict_first, 2 also stores streaming (``.cs``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     rows = rows.to(tl.int64)
@@ -35,18 +38,34 @@ def rms_norm_kernel(
         cols = tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
-        s = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if STREAM == 0:
+            s = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(x_rows + cols[None, :], mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if STREAM == 0:
+                r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
             s = s + r
-            tl.store(r_rows + cols[None, :], s.to(res_ptr.dtype.element_ty), mask=mask)
+            if STREAM == 2:
+                tl.store(r_rows + cols[None, :], s.to(res_ptr.dtype.element_ty), mask=mask,
+                         cache_modifier=".cs")
+            else:
+                tl.store(r_rows + cols[None, :], s.to(res_ptr.dtype.element_ty), mask=mask)
         rstd = tl.math.rsqrt(tl.reduce(s * s, 1, _sum) / n_cols + eps)
         y = s * rstd[:, None]
         if HAS_WEIGHT:
             w = tl.load(w_ptr + cols, mask=col_mask, other=0.0)
             w_ty = w_ptr.dtype.element_ty
             y = (y.to(w_ty).to(tl.float32) * w.to(tl.float32)[None, :]).to(w_ty)
-        tl.store(o_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        if STREAM == 2:
+            tl.store(o_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask,
+                     cache_modifier=".cs")
+        else:
+            tl.store(o_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit function
         for start in range(0, n_cols, BLOCK_N):

@@ -53,33 +53,88 @@ _MAX_GRID_Y = 65535
 """CUDA's limit on grid axis 1 (rows of act_and_mul): larger batches launch in chunks."""
 
 
+TUNED: dict[str, dict[str, tuple[tuple[int, tuple[int, ...]], ...]]] = {}
+"""Per-device launch configs that replace the defaults below (which were tuned on an H100).
+
+``{device: {kind: ((min_rows, config), ...)}}``: ``device`` is a substring of
+``torch.cuda.get_device_name`` (first match wins, e.g. ``"H200"``); ``kind`` one of
+``silu``, ``gelu``, ``gelu_tanh``, ``rms_norm``, ``fused_add_rms_norm``; the entries ascend in
+``min_rows`` and the last one with ``min_rows <= rows`` applies (rows below the first entry keep
+the default). Configs: activations ``(BLOCK, num_warps, STREAM, ACT)`` (``ACT`` picks the
+kernel's form; for ``gelu`` 1 = libdevice erf, 3 = the fast erfc polynomial; silu 0, gelu_tanh
+2); norms ``(BLOCK_M, num_warps, STREAM)``, applied only where a row fits one block of
+``NORM_TUNED_WIDTH`` columns (wider or narrower rows keep the default). Block sizes and warps
+are clamped to the row as the defaults are. ``bench/kernels.py --sweep`` prints a ready entry
+(its ``TUNED[...]`` lines), measured next to vLLM's ops. A device without an entry (the H100
+included) keeps the defaults; CPU tensors (the interpreter, device -1) always do."""
+
+NORM_TUNED_WIDTH = 4096
+"""The row width (power of two above the hidden size) the norm entries of TUNED were swept at
+(Llama-3-8B: hidden 4096)."""
+
+_ACT_KINDS = ("silu", "gelu", "gelu_tanh")
+"""TUNED kind of each ``ACT`` code the ops pass in (0 silu, 1 gelu, 2 gelu tanh)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tuning(dev: int) -> dict[str, tuple[tuple[int, tuple[int, ...]], ...]]:
+    """TUNED's entry for CUDA device ``dev`` (empty for CPU tensors and unlisted devices)."""
+    if dev < 0 or not TUNED:
+        return {}
+    name = torch.cuda.get_device_name(dev)
+    return next((table for key, table in TUNED.items() if key in name), {})
+
+
+def _tuned(dev: int, kind: str, rows: int) -> tuple[int, ...] | None:
+    cfg = None
+    for min_rows, entry in _device_tuning(dev).get(kind, ()):
+        if min_rows > rows:
+            break
+        cfg = entry
+    return cfg
+
+
 @functools.lru_cache(maxsize=4096)
-def act_config(rows: int, d: int, act: int = 0) -> tuple[int, int, int]:
-    """(BLOCK, num_warps, STREAM) for act_and_mul. STREAM=2 (evict-first loads, streaming
-    stores) only where the tensors cannot stay in L2 anyway: evicting L2-resident inputs
-    (decode; the matmul before just wrote them) cost up to 40% in the H100 sweep."""
-    if rows < 16:
-        block, warps = 512, 4
-    elif rows < 64:
-        block, warps = (1024, 8) if act == 0 else (512, 4)
-    elif rows <= 256:
-        block, warps = 1024, 4
+def act_config(rows: int, d: int, act: int = 0, dev: int = -1) -> tuple[int, int, int, int]:
+    """(BLOCK, num_warps, STREAM, ACT) for act_and_mul on device ``dev``; ACT is ``act``
+    or, where TUNED says so, another form of the same activation (gelu: 3, the fast erfc
+    polynomial). STREAM=2 (evict-first loads, streaming stores) only where the tensors cannot
+    stay in L2 anyway: evicting L2-resident inputs (decode; the matmul before just wrote
+    them) cost up to 40% in the H100 sweep."""
+    tuned = _tuned(dev, _ACT_KINDS[act], rows) if act < len(_ACT_KINDS) else None
+    if tuned is not None:
+        block, warps, stream, act = tuned
     else:
-        block, warps = (1024, 8) if act == 0 else (2048, 8)  # gelu: more work per program
+        if rows < 16:
+            block, warps = 512, 4
+        elif rows < 64:
+            block, warps = (1024, 8) if act == 0 else (512, 4)
+        elif rows <= 256:
+            block, warps = 1024, 4
+        else:
+            block, warps = (1024, 8) if act == 0 else (2048, 8)  # gelu: more work per program
+        stream = 2 if rows * d >= 1 << 23 else 0
     block = min(block, pow2(d))
-    stream = 2 if rows * d >= 1 << 23 else 0
-    return block, max(1, min(warps, block // 128)), stream
+    return block, max(1, min(warps, block // 128)), stream, act
 
 
 @functools.lru_cache(maxsize=4096)
-def norm_config(rows: int, n_cols: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps) for rms_norm."""
+def norm_config(rows: int, n_cols: int, residual: bool = False,
+                dev: int = -1) -> tuple[int, int, bool, int, int]:
+    """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps, STREAM) for rms_norm (``residual``: the
+    fused add + norm) on device ``dev``. STREAM as for act_and_mul (TUNED entries only)."""
     block_n = pow2(n_cols)
     if block_n > 8192:
-        return 1, 4096, False, 8
+        return 1, 4096, False, 8, 0
+    tuned = (_tuned(dev, "fused_add_rms_norm" if residual else "rms_norm", rows)
+             if block_n == NORM_TUNED_WIDTH else None)
+    if tuned is not None:
+        block_m, warps, stream = tuned
+        block_m = max(1, min(block_m, pow2(rows)))
+        return block_m, block_n, True, max(1, min(warps, block_m * block_n // 128)), stream
     block_m = max(1, min(16, 1024 // block_n, pow2(rows)))
     warps = 16 if rows <= 64 else 8 if rows < 1024 else 4  # decode: latency; prefill: occupancy
-    return block_m, block_n, True, max(1, min(warps, block_m * block_n // 256))
+    return block_m, block_n, True, max(1, min(warps, block_m * block_n // 256)), 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -103,9 +158,9 @@ def rotary_config(tokens: int, heads: int, half: int) -> tuple[int, int, int]:
 
 def _act_launch(x2: torch.Tensor, out2: torch.Tensor, rows: int, d: int, sx: int, so: int,
                 act: int) -> None:
-    block, warps, stream = act_config(rows, d, act)
-    px, po = x2.data_ptr(), out2.data_ptr()
     dev = x2.get_device()
+    block, warps, stream, act = act_config(rows, d, act, dev)
+    px, po = x2.data_ptr(), out2.data_ptr()
     key = (act, x2.dtype, out2.dtype, px & 15, po & 15, d, sx, so, block, warps, stream, dev)
     ACT_KERNEL.launch(key, ((d + block - 1) // block, rows, 1), dev, (x2, out2), (px, po),
                       (d, sx, so, act, block, stream), warps)
@@ -179,15 +234,15 @@ def _norm_launch(x2: torch.Tensor, r: torch.Tensor, w: torch.Tensor, out2: torch
                  rows: int, n_cols: int, sx: int, sr: int, so: int, epsilon: float,
                  has_res: bool, has_w: bool) -> None:
     """``r``/``w`` stand in for ``x2`` when there is no residual/weight."""
-    cfg = norm_config(rows, n_cols)
-    block_m, block_n, single, warps = cfg
-    px, pr, pw, po = x2.data_ptr(), r.data_ptr(), w.data_ptr(), out2.data_ptr()
     dev = x2.get_device()
+    cfg = norm_config(rows, n_cols, has_res, dev)
+    block_m, block_n, single, warps, stream = cfg
+    px, pr, pw, po = x2.data_ptr(), r.data_ptr(), w.data_ptr(), out2.data_ptr()
     key = (x2.dtype, r.dtype, w.dtype, out2.dtype, px & 15, pr & 15, pw & 15, po & 15, n_cols,
            sx, sr, so, has_res, has_w, cfg, dev)
     NORM_KERNEL.launch(key, ((rows + block_m - 1) // block_m, 1, 1), dev, (x2, r, w, out2),
                        (px, pr, pw, po), (rows, n_cols, sx, sr, so, epsilon, has_res, has_w,
-                                          block_m, block_n, single), warps)
+                                          block_m, block_n, single, stream), warps)
 
 
 def _weight(weight: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -220,9 +275,10 @@ def rms_norm(
         else:
             w = None
         if sx1 == 1 and w is not None and 0 < rows <= _INT32_MAX and n_cols:
-            block_m, block_n, single, warps = norm_config(rows, n_cols)
-            px, pw = x.data_ptr(), w.data_ptr()
             dev = x.get_device()
+            block_m, block_n, single, warps, stream = norm_config(rows, n_cols,
+                                                                  residual is not None, dev)
+            px, pw = x.data_ptr(), w.data_ptr()
             kernel = NORM_KERNEL
             if residual is None:
                 # empty_like keeps a dense x's strides: only a contiguous x (or one row) has
@@ -230,9 +286,9 @@ def rms_norm(
                 out = torch.empty_like(x) if sx == n_cols or rows == 1 else x.new_empty(shape)
                 po = out.data_ptr()
                 key = ("norm", x.dtype, w.dtype, px & 15, pw & 15, po & 15, n_cols, sx, has_w,
-                       block_m, warps, dev)
+                       block_m, warps, stream, dev)
                 args = (px, px, pw, po, rows, n_cols, sx, sx, n_cols, epsilon, False, has_w,
-                        block_m, block_n, single)
+                        block_m, block_n, single, stream)
                 fast = kernel.cached(key)
                 if fast is not None:
                     fast[0]((rows + block_m - 1) // block_m, 1, 1, fast[1](dev), *fast[2],
@@ -246,9 +302,9 @@ def rms_norm(
                 if sr1 == 1:
                     pr = residual.data_ptr()
                     key = ("add_norm", x.dtype, residual.dtype, w.dtype, px & 15, pr & 15,
-                           pw & 15, n_cols, sx, sr, has_w, block_m, warps, dev)
+                           pw & 15, n_cols, sx, sr, has_w, block_m, warps, stream, dev)
                     args = (px, pr, pw, px, rows, n_cols, sx, sr, sx, epsilon, True, has_w,
-                            block_m, block_n, single)
+                            block_m, block_n, single, stream)
                     fast = kernel.cached(key)
                     if fast is not None:
                         fast[0]((rows + block_m - 1) // block_m, 1, 1, fast[1](dev), *fast[2],
