@@ -2,6 +2,7 @@
 and FlagGems, on one GPU. Run from the repository root (no install, no network)::
 
     python bench/moe_routing.py [--sweep] [--quick] [--out DIR]
+    python bench/moe_routing.py --align-variants [--out DIR]
 
 1. Correctness of every impl against ``fl_dispatch/core/ops/moe.py`` on the GPU,
    random inputs and injected ties (routing ids exactly, weights 1e-5 relative; align:
@@ -11,6 +12,12 @@ and FlagGems, on one GPU. Run from the repository root (no install, no network):
 3. Side-by-side device time, ``triton.testing.do_bench_cudagraph`` median (CUDA-graph
    replay: also proves our adapters are capturable), one table: op, shape, T, impl, us,
    ratio to the best OTHER impl. JSON to ``--out``.
+
+4. ``--align-variants`` (alone): every ``moe_align_block_size`` implementation of ours
+   (``mr.ALIGN_VARIANTS`` with a few launch choices) next to vLLM's and FlagGems', at
+   T = 1..16384 for (E8, k2), (E128, k8), (E256, k8), block 64; each checked against the
+   reference (``align_canonical``) before it is timed; a table, the winners per shape and a
+   replacement ``ALIGN_PLAN`` for ``backends/flagos/moe_routing.py``.
 
 vLLM's ops come from ``.gpu-ops/vllm_moe_C.so.xz`` when carried (0.25 schemas); FlagGems when
 ``import flag_gems`` works. Every impl is guarded: a failure prints and the run goes on.
@@ -447,8 +454,8 @@ def sweep(tokens, rep: int) -> list[dict]:
             ids = align_inputs(t, e, k, seed=t)
             bufs = align_buffers(ids, e, ALIGN_BS)
 
-            def acall(ids=ids, e=e, b=bufs):
-                mr.moe_align_block_size(ids, e, ALIGN_BS, *b)
+            def acall(ids=ids, e=e, b=bufs, v1=mr.moe_align_variant("v1")):
+                v1(ids, e, ALIGN_BS, *b)  # align_config is v1's (--align-variants: v2)
 
             acall.cfg_args = (ids.numel(), e, ALIGN_BS)
             n = ids.numel()
@@ -476,6 +483,176 @@ def sweep(tokens, rep: int) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- align variants
+
+ALIGN_LABELS: tuple[tuple[str, int, int], ...] = (
+    ("v1", 0, 0), ("one", 0, 0), ("one", 0, 1), ("one", 0, 8), ("one_cmp", 0, 0),
+    ("one_cmp", 0, 1), ("one_cmp", 0, 2), ("two", 256, 0), ("two", 1024, 0), ("two", 2048, 0),
+    ("two", 4096, 0), ("two", 8192, 0), ("two_cmp", 256, 0), ("two_cmp", 1024, 0),
+)
+"""(variant, block, num_warps) of ours timed by --align-variants (0: the variant's default)."""
+
+
+def _label(variant: str, block: int, warps: int) -> str:
+    return variant + (f":b{block}" if block else "") + (f":w{warps}" if warps else "")
+
+
+def _align_applies(variant: str, block: int, warps: int, numel: int) -> bool:
+    """Skip the combinations that cannot win (and would only cost bench time)."""
+    if warps and warps < 4 and numel > 512:
+        return False
+    if variant == "one_cmp":
+        return numel <= 4096
+    if variant == "one":
+        return numel <= 32768 and (warps < 8 or numel >= 1024)
+    if variant in ("two", "two_cmp"):  # 2..256 programs
+        return 256 <= numel and block <= max(1024, numel) and numel <= 256 * block
+    return True
+
+
+def _align_mismatch(fn: Callable, ids: torch.Tensor, e: int) -> str | None:
+    """None when ``fn`` gives the reference's result up to the order inside each expert
+    segment (``align_canonical``): num_tokens_post_pad, used experts_ids, segments, and (for
+    ours) the pad value in every slot after the used blocks."""
+    want = align_buffers(ids, e, ALIGN_BS)
+    got = align_buffers(ids, e, ALIGN_BS)
+    got[0].fill_(-7)
+    ref.moe_align_block_size(ids, e, ALIGN_BS, *want)
+    fn(ids, e, ALIGN_BS, *got)
+    if not torch.equal(got[2], want[2]):
+        return f"num_tokens_post_pad {got[2].item()} vs {want[2].item()}"
+    used = int(want[2].item()) // ALIGN_BS
+    if not torch.equal(got[1][:used], want[1][:used]):
+        return "experts_ids differ"
+    canon = []
+    for b in (got, want):
+        a = {"block_size": ALIGN_BS, "sorted_token_ids": b[0].clone(),
+             "experts_ids": b[1].clone(), "num_tokens_post_pad": b[2]}
+        align_canonical(a)
+        canon.append(a["sorted_token_ids"][:used * ALIGN_BS])
+    if not torch.equal(canon[0], canon[1]):
+        return "per-expert token sets differ"
+    if fn.__module__ == mr.__name__ and not (got[0][used * ALIGN_BS:] == ids.numel()).all():
+        return "tail of sorted_token_ids not the pad value"
+    return None
+
+
+def align_variants(impls, rep: int, deadline_s: float) -> dict[str, Any]:
+    """Time every align variant of ours and the other impls; print the table, the winners
+    and a suggested ALIGN_PLAN."""
+    t_start = time.time()
+    others = {impl: ops["moe_align"] for impl, ops in impls.items()
+              if impl in ("vllm", "flaggems") and "moe_align" in ops}
+    ours = {_label(*spec): (spec, mr.moe_align_variant(*spec)) for spec in ALIGN_LABELS}
+    labels = list(ours) + list(others)
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    problems: list[str] = []
+    numels: dict[tuple[str, int], int] = {}
+    for e, k in TOPK_SHAPES:
+        shape = f"E{e} k{k}"
+        for t in TOKENS:
+            if time.time() - t_start > deadline_s:
+                print(f"deadline: stopped before {shape} T{t}")
+                break
+            ids = align_inputs(t, e, k, seed=t)
+            bufs = align_buffers(ids, e, ALIGN_BS)
+            numels[(shape, t)] = ids.numel()
+            row = table.setdefault((shape, t), {})
+            cands: list[tuple[str, Callable]] = [
+                (lab, fn) for lab, (spec, fn) in ours.items()
+                if _align_applies(*spec, ids.numel())]
+            cands += list(others.items())
+            for lab, fn in cands:
+                try:
+                    msg = _align_mismatch(fn, ids, e)
+                    if msg is None:
+                        skew = torch.full_like(ids, 3)
+                        msg = _align_mismatch(fn, skew, e)
+                        msg = msg and f"skewed routing: {msg}"
+                    if msg:
+                        problems.append(f"{lab} {shape} T{t}: {msg}")
+                        continue
+                    row[lab] = bench_us(lambda fn=fn, ids=ids, e=e, b=bufs:
+                                        fn(ids, e, ALIGN_BS, *b), rep)
+                except Exception as exc:
+                    problems.append(f"{lab} {shape} T{t}: {type(exc).__name__}: {exc}")
+                    if os.environ.get("FL_BENCH_TRACE"):
+                        traceback.print_exc()
+    for p in problems:
+        print("  FAIL", p)
+    print(f"\nmoe_align variants, block {ALIGN_BS}, us (CUDA graph replay median); "
+          f"* = fastest of ours, ratio = that / fastest other")
+    head = f"{'shape':9s} {'T':>6s} " + " ".join(f"{lab:>10s}" for lab in labels)
+    print(head + f" {'ratio':>6s}")
+    winners: dict[tuple[str, int], tuple[str, float, float | None]] = {}
+    for (shape, t), row in table.items():
+        mine = {lab: us for lab, us in row.items() if lab in ours}
+        theirs = {lab: us for lab, us in row.items() if lab in others}
+        best = min(mine, key=mine.__getitem__) if mine else None
+        other = min(theirs.values()) if theirs else None
+        if best is not None:
+            winners[(shape, t)] = (best, mine[best], other)
+        cells = []
+        for lab in labels:
+            us = row.get(lab)
+            cell = "-" if us is None else f"{us:.2f}" + ("*" if lab == best else "")
+            cells.append(f"{cell:>10s}")
+        ratio = f"{mine[best] / other:.2f}" if best and other else "-"
+        print(f"{shape:9s} {t:6d} " + " ".join(cells) + f" {ratio:>6s}")
+    print()
+    for e, k in TOPK_SHAPES:
+        shape = f"E{e} k{k}"
+        parts = []
+        for t in TOKENS:
+            w = winners.get((shape, t))
+            if w:
+                rel = f" {w[1] / w[2]:.2f}x" if w[2] else ""
+                parts.append(f"T{t} {w[0]} {w[1]:.2f}{rel}")
+        print(f"winners {shape}: " + " | ".join(parts))
+    plan = _suggest_plan(table, numels, ours)
+    print("\nsuggested ALIGN_PLAN (backends/flagos/moe_routing.py; per measured numel, the "
+          "variant with the lowest worst-case ratio to the best of ours):")
+    print("ALIGN_PLAN: tuple[tuple[int, str, int, int], ...] = (")
+    for row_ in plan:
+        print(f"    ({'_INT32_MAX' if row_[0] is None else row_[0]}, {row_[1]!r}, {row_[2]}, "
+              f"{row_[3]}),")
+    print(")")
+    print(f"align variants: {time.time() - t_start:.0f} s")
+    return {"table": [{"shape": sh, "T": t, **row} for (sh, t), row in table.items()],
+            "problems": problems, "plan": plan}
+
+
+def _suggest_plan(table, numels, ours) -> list[tuple[int | None, str, int, int]]:
+    """Per distinct numel (over the shapes), the label of ours minimising the worst ratio to
+    the best of ours at each point with that numel (labels missing at a point: excluded);
+    runs of one label merged, limits at the geometric mean between measured sizes."""
+    by_numel: dict[int, list[dict[str, float]]] = {}
+    for key, row in table.items():
+        mine = {lab: us for lab, us in row.items() if lab in ours}
+        if mine:
+            by_numel.setdefault(numels[key], []).append(mine)
+    picks: list[tuple[int, str]] = []
+    for n in sorted(by_numel):
+        rows = by_numel[n]
+        common = set.intersection(*(set(r) for r in rows))
+        if not common:
+            continue
+        worst = {lab: max(r[lab] / min(r.values()) for r in rows) for lab in common}
+        picks.append((n, min(worst, key=worst.__getitem__)))
+    plan: list[tuple[int | None, str, int, int]] = []
+    for i, (n, lab) in enumerate(picks):
+        if plan and plan[-1][1:] == ours[lab][0]:
+            plan.pop()
+        if i + 1 < len(picks):
+            limit: int | None = int((n * picks[i + 1][0]) ** 0.5)
+        else:
+            limit = None
+        plan.append((limit, *ours[lab][0]))
+    if plan:
+        plan[-1] = (None, *plan[-1][1:])
+    return plan
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -484,6 +661,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="T in {1, 64, 16384}, shorter reps")
     ap.add_argument("--out", default=None, help="directory for moe_routing.json")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--align-variants", action="store_true",
+                    help="only: time every moe_align variant of ours vs vLLM and FlagGems")
     args = ap.parse_args()
     tokens = (1, 64, 16384) if args.quick else TOKENS
     rep = 10 if args.quick else 20
@@ -493,6 +672,15 @@ def main() -> int:
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(),
                               "torch": torch.__version__, "triton": triton.__version__,
                               "impls": {k: sorted(v) for k, v in impls.items()}}
+    if args.align_variants:
+        result["align_variants"] = align_variants(impls, 10, DEADLINE_S - 25)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            path = Path(args.out) / "moe_align_variants.json"
+            path.write_text(json.dumps(result, indent=1))
+            print(f"wrote {path}")
+        print(f"total {time.time() - T0:.0f} s")
+        return 0
     if not args.skip_check:
         t = time.time()
         problems = check_all(impls)

@@ -321,9 +321,9 @@ def _run_align(impl, ids, experts, bs, emap=None, extra=0):
     return s.cpu(), e.cpu(), n.cpu()
 
 
-def _check_align(ids, experts, bs, emap=None, extra=0):
+def _check_align(ids, experts, bs, emap=None, extra=0, impl=None):
     want = _run_align(ref.moe_align_block_size, ids, experts, bs, emap, extra)
-    got = _run_align(_mr().moe_align_block_size, ids, experts, bs, emap, extra)
+    got = _run_align(impl or _mr().moe_align_block_size, ids, experts, bs, emap, extra)
     assert torch.equal(got[2], want[2]), (got[2], want[2])
     assert torch.equal(got[1], want[1]), (got[1], want[1])  # used blocks + the zero tail
     assert _block_sets(got[0], got[2], bs, got[1]) == _block_sets(want[0], want[2], bs, want[1])
@@ -360,14 +360,122 @@ def test_align_int64_ids_beyond_int32_are_skipped():
 def test_align_paths_agree_on_both_sides_of_threshold(monkeypatch):
     mr = _mr()
     ids = torch.randint(0, 64, (300, 8), generator=_gen(3), dtype=torch.int32).to(DEVICE)
-    small = _check_align(ids, 64, 16)
+    v1 = mr.moe_align_variant("v1")
+    small = _check_align(ids, 64, 16, impl=v1)
     monkeypatch.setattr(mr, "SMALL_ALIGN_MAX", 16)
     mr.align_config.cache_clear()
     try:
-        large = _check_align(ids, 64, 16)
+        large = _check_align(ids, 64, 16, impl=v1)
     finally:
         mr.align_config.cache_clear()
     assert torch.equal(small[2], large[2]) and torch.equal(small[1], large[1])
+
+
+# ----------------------------------------------------------------------------- align variants
+# Every implementation of ALIGN_VARIANTS, with its launch choice forced (moe_align_variant):
+# (variant, block: routes per chunk for one/one_cmp, per program for two; 0 = default).
+ALIGN_VARIANT_IMPLS = [
+    ("v1", 0), ("one", 0), ("one", 32), ("one_cmp", 0), ("one_cmp", 16), ("two", 0),
+    ("two", 64), ("two_cmp", 0), ("two_cmp", 256),
+]
+VARIANT_CASES = [  # (tokens, k, E, bs, routing)
+    (0, 8, 16, 64, "random"),  # no routes: num_tokens_post_pad 0, empty buffers
+    (1, 1, 8, 16, "random"),  # one route
+    (1, 8, 256, 64, "random"),
+    (13, 3, 100, 128, "random"),  # E not a power of two, bs 128
+    (50, 8, 255, 16, "random"),  # E + 1 a power of two: the skipped-routes bin is the last
+    (16, 8, 128, 64, "random"),  # numel 128 = one_cmp's default chunk exactly
+    (129, 1, 128, 16, "random"),  # one past it
+    (300, 8, 64, 64, "one"),  # every route on one expert: one long segment
+    (90, 7, 1023, 16, "random"),  # the most experts allowed
+    (700, 6, 512, 128, "sparse"),  # a quarter of the experts get every route
+]
+
+
+def _variant_ids(tokens: int, k: int, experts: int, routing: str) -> torch.Tensor:
+    g = _gen(tokens * 31 + k * 7 + experts)
+    if routing == "one":
+        return torch.full((tokens, k), experts // 2, dtype=torch.int32)
+    pool = experts if routing == "random" else max(1, experts // 4)
+    ids = torch.randint(0, pool, (tokens, k), generator=g, dtype=torch.int32)
+    if routing == "random" and tokens * k > 2:  # a few ids outside [0, E): skipped
+        ids.view(-1)[::5] = torch.randint(-2, 2, (ids.view(-1)[::5].numel(),), generator=g,
+                                          dtype=torch.int32) % (experts + 3) - 1
+    return ids
+
+
+def _check_align_canonical(impl, ids, experts, bs, emap=None):
+    """As the conformance kit compares: ``align_canonical`` (segments sorted, unused block
+    ids zeroed) on both results, then equal buffers; the slots after
+    ``num_tokens_post_pad`` hold the pad value; used blocks' ids exact (incl. -1)."""
+    from fl_dispatch.testing.inputs_moe import align_canonical
+
+    want = _run_align(ref.moe_align_block_size, ids, experts, bs, emap)
+    got = _run_align(impl, ids, experts, bs, emap)
+    assert torch.equal(got[2], want[2]), (got[2], want[2])
+    assert torch.equal(got[1], want[1]), (got[1], want[1])
+    used = int(want[2])
+    assert (got[0][used:] == ids.numel()).all(), "slots after num_tokens_post_pad: pad value"
+    canon = []
+    for s, e, n in (got, want):
+        args = {"block_size": bs, "sorted_token_ids": s.clone(), "experts_ids": e.clone(),
+                "num_tokens_post_pad": n}
+        align_canonical(args)
+        canon.append(args["sorted_token_ids"])
+    assert torch.equal(canon[0], canon[1])
+    return got
+
+
+@pytest.mark.parametrize("variant,block", ALIGN_VARIANT_IMPLS, ids=str)
+@pytest.mark.parametrize("tokens,k,experts,bs,routing", VARIANT_CASES, ids=str)
+def test_align_variants(variant, block, tokens, k, experts, bs, routing):
+    """Each variant against the reference: multisets per expert segment, padding, block ids
+    with and without an expert_map (-1 for non-local experts), num_tokens_post_pad."""
+    impl = _mr().moe_align_variant(variant, block)
+    ids = _variant_ids(tokens, k, experts, routing).to(DEVICE)
+    got = _check_align_canonical(impl, ids, experts, bs)
+    counted = ((ids >= 0) & (ids < experts)).sum().item()
+    assert (got[0][: int(got[2])] < tokens * k).sum().item() == counted
+    emap = torch.where(torch.arange(experts) % 3 == 1, -1, experts - 1 - torch.arange(experts))
+    got = _check_align_canonical(impl, ids.long(), experts, bs, emap.to(torch.int32).to(DEVICE))
+    remote = ((ids >= 0) & (ids < experts) & (ids % 3 == 1)).any().item()
+    assert (got[1][: int(got[2]) // bs] == -1).any().item() == remote
+
+
+@pytest.mark.parametrize("variant,block", [("one", 0), ("one", 64), ("one_cmp", 0),
+                                           ("two", 0), ("two", 256), ("two_cmp", 512)],
+                         ids=str)
+def test_align_variants_large(variant, block):
+    """Several chunks / tiles, random and skewed (one expert takes half the routes)."""
+    impl = _mr().moe_align_variant(variant, block)
+    ids = torch.randint(0, 256, (600, 8), generator=_gen(21), dtype=torch.int32)
+    ids.view(-1)[::2] = 7
+    _check_align_canonical(impl, ids.to(DEVICE), 256, 64)
+
+
+def test_align_plan_thresholds(monkeypatch):
+    """The adapter takes the ALIGN_PLAN row of the size: numel exactly at a row's limit
+    stays in it, one more moves on; every row's variant gives the reference's result."""
+    mr = _mr()
+    monkeypatch.setattr(mr, "ALIGN_PLAN", ((64, "one_cmp", 0, 0), (256, "one", 0, 0),
+                                           (1024, "v1", 0, 0), (mr._INT32_MAX, "two", 0, 0)))
+    assert mr.align_plan(64)[0] == "one_cmp" and mr.align_plan(65)[0] == "one"
+    assert mr.align_plan(256)[0] == "one" and mr.align_plan(257)[0] == "v1"
+    assert mr.align_plan(1025)[0] == "two"
+    for numel in (64, 65, 256, 257, 1024, 1025):
+        ids = torch.randint(0, 48, (numel, 1), generator=_gen(numel), dtype=torch.int32)
+        _check_align_canonical(mr.moe_align_block_size, ids.to(DEVICE), 48, 16)
+
+
+def test_align_default_plan_rows_are_valid():
+    mr = _mr()
+    assert mr.ALIGN_PLAN[-1][0] >= mr._INT32_MAX // 2
+    for max_numel, variant, block, warps in mr.ALIGN_PLAN:
+        assert variant in mr.ALIGN_VARIANTS and block >= 0 and warps >= 0
+        if variant != "v1":
+            mr.align_v2_config(max_numel, 256, variant, block, warps)
+    with pytest.raises(ValueError, match="unknown variant"):
+        mr.moe_align_variant("nope")
 
 
 @pytest.mark.parametrize("tokens", [7, 700])

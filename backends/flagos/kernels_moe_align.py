@@ -1,4 +1,5 @@
-"""Triton kernels: ``moe_align_block_size`` (one-CTA and three-kernel paths) and ``moe_sum``.
+"""Triton kernels: ``moe_align_block_size`` (v1: one-CTA and three-kernel paths; v2: one-CTA
+and two-kernel paths, see "align, v2") and ``moe_sum``.
 
 Plain functions, decorated by :mod:`.launcher` on first use. No host synchronisation: every
 size the host needs is known from shapes; the data-dependent results (segment offsets, the
@@ -167,6 +168,176 @@ def moe_align_scatter_kernel(
     pos = tl.atomic_add(cursor_ptr + pid.to(tl.int64) * n_experts + ex, 1, mask=valid)
     tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=valid)
 
+
+
+# ----------------------------------------------------------------------------- align, v2
+# Expert ids of the blocks (v2): every used block holds the route of rank j*bs of its expert
+# (segments start at multiples of bs and hold cdiv(count, bs) blocks), so the route whose slot
+# ``pos`` has ``pos % bs == 0`` writes ``experts_ids[pos // bs]`` itself: no per-block search,
+# no histogram over blocks; the blocks from ``num_tokens_post_pad / bs`` on are zeroed (no
+# route writes them, so that fill needs no ordering against the scatter).
+
+
+def moe_align_one_kernel(
+    ids_ptr, sorted_ptr, eids_ptr, ntpp_ptr, cursor_ptr, map_ptr,
+    numel, n_experts, block_size, sorted_len, eids_len,
+    HAS_MAP: tl.constexpr, RANK: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """v2, the whole op in one program, one launch; routes in chunks of BLOCK_N (ONE_CHUNK:
+    numel <= BLOCK_N, the routes stay in registers between the two phases). Phase 1: expert
+    histogram, padded exclusive cumsum (``tl.associative_scan``), ``num_tokens_post_pad``,
+    pad/zero fills. Phase 2, rank of a route inside its expert:
+    RANK 0: ``atomic_add`` (relaxed, CTA scope) on per-expert cursors in ``cursor_ptr``
+    (int32 scratch, >= E entries, no initial value needed);
+    RANK 1: no atomics, no scratch: the expert's start plus the routes of that expert in the
+    earlier chunks (``tl.gather`` of a running histogram) plus the rank inside the chunk by
+    comparison (a BLOCK_N x BLOCK_N mask). BLOCK_E > E (bin E collects the skipped routes)."""
+    ecols = tl.arange(0, BLOCK_E)
+    emask = ecols < n_experts
+    if ONE_CHUNK:
+        offs = tl.arange(0, BLOCK_N)
+        nmask = offs < numel
+        raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
+        valid = nmask & (raw >= 0) & (raw < n_experts)
+        ex = tl.where(valid, raw, n_experts).to(tl.int32)
+        counts = tl.histogram(ex, BLOCK_E)
+    else:
+        counts = tl.full([BLOCK_E], 0, tl.int32)
+        for c0 in range(0, numel, BLOCK_N):
+            o = c0 + tl.arange(0, BLOCK_N)
+            m = o < numel
+            r = tl.load(ids_ptr + o, mask=m, other=-1)
+            v = m & (r >= 0) & (r < n_experts)
+            counts += tl.histogram(tl.where(v, r, n_experts).to(tl.int32), BLOCK_E)
+    counts = tl.where(emask, counts, 0)
+    padded = (counts + block_size - 1) // block_size * block_size
+    starts = tl.associative_scan(padded, 0, _sum) - padded
+    total = tl.reduce(padded, 0, _sum)
+    tl.store(ntpp_ptr, total)
+    used = total // block_size
+    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
+    for s0 in range(0, sorted_len, BLOCK_S):
+        so = s0 + tl.arange(0, BLOCK_S)
+        tl.store(sorted_ptr + so, pad, mask=so < sorted_len)
+    zero = tl.full([BLOCK_S], 0, tl.int32)
+    for b0 in range(0, eids_len, BLOCK_S):
+        bo = b0 + tl.arange(0, BLOCK_S)
+        tl.store(eids_ptr + bo, zero, mask=(bo >= used) & (bo < eids_len))
+    if RANK == 0:
+        tl.store(cursor_ptr + ecols, starts, mask=emask)
+    tl.debug_barrier()  # pad fill (and cursors) before the scatter (other threads' slots)
+    if ONE_CHUNK:
+        if RANK == 0:
+            pos = tl.atomic_add(cursor_ptr + ex, 1, mask=valid, sem="relaxed", scope="cta")
+        else:
+            earlier = (offs[None, :] < offs[:, None]) & (ex[:, None] == ex[None, :])
+            pos = tl.gather(starts, ex, 0) + tl.reduce(earlier.to(tl.int32), 1, _sum)
+        tl.store(sorted_ptr + pos, offs, mask=valid)
+        head = valid & (pos % block_size == 0)
+        if HAS_MAP:
+            e_out = tl.load(map_ptr + ex, mask=head, other=0).to(tl.int32)
+        else:
+            e_out = ex
+        tl.store(eids_ptr + pos // block_size, e_out, mask=head)
+    else:
+        running = starts
+        for c0 in range(0, numel, BLOCK_N):
+            o = c0 + tl.arange(0, BLOCK_N)
+            m = o < numel
+            r = tl.load(ids_ptr + o, mask=m, other=-1)
+            v = m & (r >= 0) & (r < n_experts)
+            e = tl.where(v, r, n_experts).to(tl.int32)
+            if RANK == 0:
+                p = tl.atomic_add(cursor_ptr + e, 1, mask=v, sem="relaxed", scope="cta")
+            else:
+                before = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :])
+                p = tl.gather(running, e, 0) + tl.reduce(before.to(tl.int32), 1, _sum)
+                running += tl.histogram(e, BLOCK_E)
+            tl.store(sorted_ptr + p, o, mask=v)
+            hd = v & (p % block_size == 0)
+            if HAS_MAP:
+                eo = tl.load(map_ptr + e, mask=hd, other=0).to(tl.int32)
+            else:
+                eo = e
+            tl.store(eids_ptr + p // block_size, eo, mask=hd)
+
+
+def moe_align_place_kernel(
+    ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, eids_ptr, ntpp_ptr, map_ptr,
+    numel, n_tiles, n_experts, block_size, eids_len, eids_per_prog,
+    HAS_MAP: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_TILES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """v2 large path, step 2 of 2 (step 1: ``moe_align_count_kernel``, same TILE and grid).
+    Program ``pid`` reads every tile's counts, recomputes the per-expert totals and padded
+    starts (no single-program scan step, no extra launch) and the routes of each expert in
+    the tiles before its own; its tile's routes take slots from private cursors
+    (``cursor[pid, e]``, relaxed CTA-scope atomics: no cross-program hot spot). Program 0
+    writes ``num_tokens_post_pad``; each zeroes its share of the unused blocks.
+    RANK 0: BLOCK_E >= E (no bin for the skipped routes: they are masked); RANK 1 (no atomics:
+    no same-address serialisation when few experts take many routes): the tile in chunks of
+    CHUNK routes, ranked by comparison as ``moe_align_one_kernel``'s RANK 1, BLOCK_E > E."""
+    pid = tl.program_id(0)
+    ecols = tl.arange(0, BLOCK_E)
+    emask = ecols < n_experts
+    trows = tl.arange(0, BLOCK_TILES)
+    totals = tl.full([BLOCK_E], 0, tl.int32)
+    before = tl.full([BLOCK_E], 0, tl.int32)
+    for t0 in range(0, n_tiles, BLOCK_TILES):
+        t = t0 + trows
+        m = (t < n_tiles)[:, None] & emask[None, :]
+        c = tl.load(counts_ptr + t.to(tl.int64)[:, None] * n_experts + ecols[None, :],
+                    mask=m, other=0)
+        totals += tl.reduce(c, 0, _sum)
+        before += tl.reduce(tl.where((t < pid)[:, None], c, 0), 0, _sum)
+    padded = (totals + block_size - 1) // block_size * block_size
+    starts = tl.associative_scan(padded, 0, _sum) - padded
+    total = tl.reduce(padded, 0, _sum)
+    tl.store(ntpp_ptr, total, mask=pid == 0)
+    used = total // block_size
+    zero = tl.full([BLOCK_S], 0, tl.int32)
+    b_lo = pid * eids_per_prog
+    for b0 in range(0, eids_per_prog, BLOCK_S):
+        bo = b_lo + b0 + tl.arange(0, BLOCK_S)
+        tl.store(eids_ptr + bo, zero, mask=(bo >= used) & (bo < eids_len)
+                 & (b0 + tl.arange(0, BLOCK_S) < eids_per_prog))
+    if RANK == 0:
+        cur = cursor_ptr + pid.to(tl.int64) * n_experts
+        tl.store(cur + ecols, starts + before, mask=emask)
+        tl.debug_barrier()  # this program's cursors before its atomics
+        offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+        nmask = offs < numel
+        raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
+        valid = nmask & (raw >= 0) & (raw < n_experts)
+        ex = tl.where(valid, raw, 0).to(tl.int32)
+        pos = tl.atomic_add(cur + ex, 1, mask=valid, sem="relaxed", scope="cta")
+        tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=valid)
+        head = valid & (pos % block_size == 0)
+        if HAS_MAP:
+            e_out = tl.load(map_ptr + ex, mask=head, other=0).to(tl.int32)
+        else:
+            e_out = ex
+        tl.store(eids_ptr + pos // block_size, e_out, mask=head)
+    else:
+        running = starts + before
+        for c0 in range(0, TILE, CHUNK):
+            o = pid.to(tl.int64) * TILE + c0 + tl.arange(0, CHUNK)
+            m = o < numel
+            r = tl.load(ids_ptr + o, mask=m, other=-1)
+            v = m & (r >= 0) & (r < n_experts)
+            e = tl.where(v, r, n_experts).to(tl.int32)
+            earlier = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :])
+            p = tl.gather(running, e, 0) + tl.reduce(earlier.to(tl.int32), 1, _sum)
+            running += tl.histogram(e, BLOCK_E)
+            tl.store(sorted_ptr + p, o.to(tl.int32), mask=v)
+            hd = v & (p % block_size == 0)
+            if HAS_MAP:
+                eo = tl.load(map_ptr + e, mask=hd, other=0).to(tl.int32)
+            else:
+                eo = e
+            tl.store(eids_ptr + p // block_size, eo, mask=hd)
 
 def moe_sum_kernel(
     in_ptr, out_ptr,

@@ -34,10 +34,16 @@ ALIGN_SCAN_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_scan_ke
                                  do_not_specialize=("n_tiles", "eids_len"))
 ALIGN_SCATTER_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_scatter_kernel",
                                     do_not_specialize=("numel",))
+ALIGN_ONE_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_one_kernel",
+                                do_not_specialize=("numel", "sorted_len", "eids_len"))
+ALIGN_PLACE_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_place_kernel",
+                                  do_not_specialize=("numel", "n_tiles", "eids_len",
+                                                     "eids_per_prog"))
 MOE_SUM_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_sum_kernel",
                               do_not_specialize=("n_rows", "n_hblocks"))
 KERNELS = (TOPK_SOFTMAX_KERNEL, GROUPED_TOPK_KERNEL, ALIGN_SMALL_KERNEL, ALIGN_COUNT_KERNEL,
-           ALIGN_SCAN_KERNEL, ALIGN_SCATTER_KERNEL, MOE_SUM_KERNEL)
+           ALIGN_SCAN_KERNEL, ALIGN_SCATTER_KERNEL, ALIGN_ONE_KERNEL, ALIGN_PLACE_KERNEL,
+           MOE_SUM_KERNEL)
 
 _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -95,6 +101,62 @@ def align_config(numel: int, experts: int, block_size: int) -> tuple[bool, int, 
         return True, tile, 4 if tile <= 1024 else 8, 0
     tile = 1024 if numel <= 1 << 18 else 2048
     return False, tile, 4, 8
+
+
+ALIGN_VARIANTS = ("v1", "one", "one_cmp", "two", "two_cmp")
+"""moe_align_block_size implementations (``bench/moe_routing.py --align-variants`` times each):
+``v1``: the first kernels (one program up to SMALL_ALIGN_MAX routes, else count + scan +
+scatter: 3 launches; ``align_config``); ``one``: v2, one program, one launch, atomic ranks;
+``one_cmp``: v2, one program, one launch, ranks by comparison (no atomics, no scratch);
+``two``: v2, count + place: 2 launches, every program of the second recomputes the prefix,
+atomic ranks on private cursors; ``two_cmp``: ``two`` with ranks by comparison (chunks of
+TWO_CMP_CHUNK routes; no atomics)."""
+
+ALIGN_PLAN: tuple[tuple[int, str, int, int], ...] = (
+    (_INT32_MAX, "v1", 0, 0),
+)
+"""Which align variant runs, by size: rows ``(max_numel, variant, block, num_warps)``; the
+first row with ``numel <= max_numel`` wins. ``block``/``num_warps`` 0: the variant's default
+(``align_v2_config``), else for ``one``/``one_cmp`` the routes per chunk (BLOCK_N) and for
+``two`` the routes per program (TILE). ``bench/moe_routing.py --align-variants`` prints a
+replacement from its measurements."""
+
+
+def align_plan(numel: int) -> tuple[str, int, int]:
+    """(variant, block, num_warps) of the first ALIGN_PLAN row that covers ``numel``."""
+    for max_numel, variant, block, warps in ALIGN_PLAN:
+        if numel <= max_numel:
+            return variant, block, warps
+    return ALIGN_PLAN[-1][1], ALIGN_PLAN[-1][2], ALIGN_PLAN[-1][3]
+
+
+ONE_MAX_BLOCK = 4096
+"""Routes that ``one`` holds in registers at once (more: chunks of this many)."""
+ONE_CMP_MAX_BLOCK = 128
+"""Routes per chunk of ``one_cmp`` (its comparison mask is BLOCK_N x BLOCK_N)."""
+TWO_CMP_CHUNK = 128
+"""Routes per chunk of ``two_cmp``'s place kernel (at most TILE)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def align_v2_config(numel: int, experts: int, variant: str, block: int = 0,
+                    warps: int = 0) -> tuple[int, int]:
+    """(BLOCK_N or TILE, num_warps) of a v2 align variant; ``block``/``warps`` override.
+    ``one``: all routes in one chunk up to ONE_MAX_BLOCK, 4 warps up to 1024 routes, then 8,
+    16 from 4096. ``one_cmp``: chunks of <= ONE_CMP_MAX_BLOCK routes, 4 warps. ``two``/
+    ``two_cmp``: TILE
+    1024 up to 64k routes, 2048 up to 256k, 4096 beyond (n_tiles x E counts are read by every
+    program of the second kernel: fewer, larger tiles as numel grows)."""
+    if variant == "one":
+        bn = block or max(16, min(pow2(numel), ONE_MAX_BLOCK))
+        return bn, warps or (4 if bn <= 1024 else 8 if bn < 4096 else 16)
+    if variant == "one_cmp":
+        bn = block or max(16, min(pow2(numel), ONE_CMP_MAX_BLOCK))
+        return bn, warps or 4
+    if variant in ("two", "two_cmp"):
+        tile = block or (1024 if numel <= 1 << 16 else 2048 if numel <= 1 << 18 else 4096)
+        return tile, warps or (4 if tile <= 2048 else 8)
+    raise ValueError(f"moe_align_block_size: unknown variant {variant!r}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -249,6 +311,34 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     blocks after ``num_tokens_post_pad/bs`` (vLLM leaves those unwritten; the GEMM never reads
     them). ``num_tokens_post_pad`` int32 [>= 1]: ``sum_e cdiv(count_e, bs)*bs``.
     ``num_experts >= 1024`` is rejected (vLLM's TORCH_CHECK). Graph-safe: no host sync."""
+    _align_run(topk_ids, num_experts, block_size, sorted_token_ids, experts_ids,
+               num_tokens_post_pad, expert_map, None)
+
+
+def moe_align_variant(variant: str, block: int = 0, warps: int = 0) -> Callable[..., None]:
+    """``moe_align_block_size`` (same signature, same argument checks) with ``variant`` (one
+    of ALIGN_VARIANTS) and its launch choice forced, whatever ALIGN_PLAN says: for the bench
+    and the tests."""
+    if variant not in ALIGN_VARIANTS:
+        raise ValueError(f"moe_align_block_size: unknown variant {variant!r}")
+    choice = (variant, block, warps)
+
+    def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int,
+                             sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+                             num_tokens_post_pad: torch.Tensor,
+                             expert_map: torch.Tensor | None = None) -> None:
+        _align_run(topk_ids, num_experts, block_size, sorted_token_ids, experts_ids,
+                   num_tokens_post_pad, expert_map, choice)
+
+    return checked(moe_align_block_size)
+
+
+def _align_run(topk_ids: torch.Tensor, num_experts: int, block_size: int,
+               sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+               num_tokens_post_pad: torch.Tensor, expert_map: torch.Tensor | None,
+               choice: tuple[str, int, int] | None) -> None:
+    """The adapter's checks and layout fixes, then the variant of ``choice`` (None: of
+    ALIGN_PLAN for this size)."""
     op = "moe_align_block_size"
     numel = topk_ids.numel()
     if numel > _INT32_MAX // 2:
@@ -271,6 +361,61 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     flat = topk_ids.reshape(-1)
     if numel > 1 and flat.stride(0) != 1:
         flat = flat.contiguous()
+    variant, block, warps = choice if choice is not None else align_plan(numel)
+    if variant == "v1":
+        _align_v1(flat, num_experts, block_size, sorted_token_ids, experts_ids,
+                  num_tokens_post_pad, expert_map)
+    else:
+        _align_v2(flat, num_experts, block_size, sorted_token_ids, experts_ids,
+                  num_tokens_post_pad, expert_map, variant, block, warps)
+
+
+def _align_v2(flat: torch.Tensor, num_experts: int, block_size: int,
+              sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+              num_tokens_post_pad: torch.Tensor, expert_map: torch.Tensor | None,
+              variant: str, block: int, warps: int) -> None:
+    """v2 launches (kernels_moe_align "align, v2"): ``one``/``one_cmp`` one program, ``two``
+    the count kernel then the place kernel over the same tiles."""
+    numel = flat.numel()
+    sorted_len, eids_len = sorted_token_ids.numel(), experts_ids.numel()
+    has_map = expert_map is not None
+    dev = flat.device
+    block_e = pow2(num_experts + 1)  # bin E collects the skipped routes
+    bn, nw = align_v2_config(numel, num_experts, variant, block, warps)
+    if variant in ("one", "one_cmp"):
+        rank = 0 if variant == "one" else 1
+        cursor = torch.empty(block_e if rank == 0 else 1, dtype=torch.int32, device=dev)
+        _launch(ALIGN_ONE_KERNEL, (1, 1, 1),
+                (flat, sorted_token_ids, experts_ids, num_tokens_post_pad, cursor,
+                 expert_map if has_map else cursor),
+                (numel, num_experts, block_size, sorted_len, eids_len),
+                (has_map, rank, numel <= bn, bn, block_e, 1024), nw)
+        return
+    tile = bn
+    n_tiles = max(1, _cdiv(numel, tile))
+    counts = torch.empty(n_tiles * num_experts, dtype=torch.int32, device=dev)
+    cursor = torch.empty(n_tiles * num_experts if variant == "two" else 1, dtype=torch.int32,
+                         device=dev)
+    fill = _cdiv(_cdiv(sorted_len, n_tiles), 16) * 16
+    _launch(ALIGN_COUNT_KERNEL, (n_tiles, 1, 1), (flat, counts, sorted_token_ids),
+            (numel, num_experts, sorted_len, fill), (tile, block_e, 1024), nw)
+    rank = 0 if variant == "two" else 1
+    # atomic ranks need no skipped-routes bin (those routes are masked); the histogram does
+    place_e = pow2(num_experts) if rank == 0 else block_e
+    block_tiles = max(1, min(pow2(n_tiles), 8192 // place_e))
+    eids_per = _cdiv(_cdiv(eids_len, n_tiles), 16) * 16
+    _launch(ALIGN_PLACE_KERNEL, (n_tiles, 1, 1),
+            (flat, counts, cursor, sorted_token_ids, experts_ids, num_tokens_post_pad,
+             expert_map if has_map else counts),
+            (numel, n_tiles, num_experts, block_size, eids_len, eids_per),
+            (has_map, rank, tile, block_tiles, place_e, 1024, min(tile, TWO_CMP_CHUNK)), nw)
+
+
+def _align_v1(flat: torch.Tensor, num_experts: int, block_size: int,
+              sorted_token_ids: torch.Tensor, experts_ids: torch.Tensor,
+              num_tokens_post_pad: torch.Tensor, expert_map: torch.Tensor | None) -> None:
+    """v1 launches: one program up to SMALL_ALIGN_MAX routes, else count + scan + scatter."""
+    numel = flat.numel()
     sorted_len, eids_len = sorted_token_ids.numel(), experts_ids.numel()
     has_map = expert_map is not None
     dev = flat.device
