@@ -28,8 +28,9 @@ def apply_kernels(path: Path, device: str) -> str:
     tuned = data.get("tuned")
     if not tuned:
         return f"{path}: no 'tuned' entry: TUNED unchanged"
-    body = "".join(f"    {kind!r}: (" + "".join(f"({m}, {tuple(c)!r}), " for m, c in rows)
-                   + "),\n" for kind, rows in tuned.items())
+    body = "".join(f"        {kind!r}: (\n" + "".join(f"            ({m}, {tuple(c)!r}),\n"
+                                                 for m, c in rows) + "        ),\n"
+                   for kind, rows in tuned.items())
     text = OPS.read_text()
     pat = re.compile(r"^(TUNED: dict\[[^\n]*\] = )\{.*?^\}$|^(TUNED: dict\[[^\n]*\] = )\{\}$",
                      re.S | re.M)
@@ -37,14 +38,14 @@ def apply_kernels(path: Path, device: str) -> str:
     if m is None:
         return f"{OPS}: no TUNED assignment found: unchanged"
     head = m.group(1) or m.group(2)
-    new = f"{head}{{\n  {device!r}: {{\n" + body.replace("\n    ", "\n      ").replace(
-        "    '", "      '", 1) + "  },\n}"
+    new = f"{head}{{\n    {device!r}: {{  # bench/kernels.py --sweep\n{body}    }},\n}}"
     OPS.write_text(text[:m.start()] + new + text[m.end():])
     return f"TUNED[{device!r}] <- {path} ({', '.join(tuned)})"
 
 
 def apply_align(path: Path) -> str:
     data = json.loads(path.read_text())
+    data = data.get("align_variants", data)  # the bench nests its result under this key
     plan, problems = data.get("plan"), data.get("problems", [])
     if not plan:
         return f"{path}: no plan: ALIGN_PLAN unchanged"

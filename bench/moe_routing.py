@@ -76,10 +76,19 @@ def _late() -> bool:
 # ----------------------------------------------------------------------------- other impls
 
 def _load_vllm() -> Any:
-    """torch.ops._moe_C from .gpu-ops/vllm_moe_C.so.xz, or the reason it is missing (str)."""
+    """torch.ops._moe_C: the library at ``$FL_DISPATCH_VLLM_MOE_C`` (e.g. an installed vLLM's
+    ``_moe_C_stable_libtorch.abi3.so``), else from .gpu-ops/vllm_moe_C.so.xz; or the reason it
+    is missing (str)."""
+    given = os.environ.get("FL_DISPATCH_VLLM_MOE_C")
     packed = Path(ROOT) / ".gpu-ops" / "vllm_moe_C.so.xz"
+    if given:
+        try:
+            torch.ops.load_library(given)
+            return torch.ops._moe_C
+        except Exception as exc:
+            return f"FL_DISPATCH_VLLM_MOE_C={given}: {type(exc).__name__}: {exc}"
     if not packed.exists():
-        return f"{packed} not carried"
+        return f"{packed} not carried and FL_DISPATCH_VLLM_MOE_C not set"
     try:
         out = Path(tempfile.gettempdir()) / "vllm_moe_C.so"
         if not out.exists():

@@ -195,10 +195,11 @@ def worker(request: dict[str, Any]) -> None:
 
             traceback.print_exc()
             send({"error": f"{type(exc).__name__}: {exc}"})
-    send({"counts": _rpc(llm, "call_counts")})
 
 
 def _command(llm: Any, sampling_params: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    if cmd["op"] == "counts":  # per-op call counts of every worker (VLLM_FL_DISPATCH_DEBUG)
+        return {"counts": _rpc(llm, "call_counts")}
     reqs = [{"prompt_token_ids": p} for p in cmd["prompts"]]
     if cmd["op"] == "time":
         params = sampling_params(max_tokens=cmd["max_tokens"], temperature=0.0,
@@ -271,18 +272,17 @@ class Engine:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
         return "\n".join(lines[-n:])
 
-    def close(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def close(self) -> None:
+        """Ask the engine to quit; kill it if it has not within 15 s (an engine's shutdown can
+        take minutes, and the results are written before this)."""
         if self.proc.poll() is None:
             try:
                 assert self.proc.stdin is not None
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()
-                out = self.receive()
-                self.proc.wait(timeout=120)
+                self.proc.wait(timeout=15)
             except Exception:
                 self.proc.kill()
-        return out
 
     def fail(self, exc: BaseException) -> None:
         self.error = str(exc).splitlines()[0][:300]
@@ -300,6 +300,7 @@ def child_env(name: str, policy: str | None) -> dict[str, str]:
                              "`fl-dispatch bench --write-config` wrote)")
         env["VLLM_FL_CONFIG"] = os.path.abspath(policy)
     env.setdefault("VLLM_FL_DISPATCH_DEBUG", "1")  # per-op call counts, from the worker
+    env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(our function)
     return env
 
 
@@ -310,6 +311,14 @@ def process_lines(log: Path) -> list[str]:
     pat = re.compile(r"fl-dispatch (rank=\S+ pid=\d+ process=[^:]+?)( \(builds the model\))?:")
     return sorted({m.group(1) + (m.group(2) or "") for m in
                    pat.finditer(log.read_text(errors="replace"))})
+
+
+def logged_counts(log: Path) -> list[str]:
+    """The per-process ``call counts (pid N): op=n, ...`` lines the plugin logs at exit with
+    ``VLLM_FL_DISPATCH_DEBUG=1`` (eager calls: CUDA-graph replays run no Python)."""
+    if not log.exists():
+        return []
+    return re.findall(r"call counts \(pid \d+\): [^\n]*", log.read_text(errors="replace"))
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -491,19 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, dict[str, list[float]]] = {}
     agree: dict[str, Any] = {}
     interrupted = False
+    counts: dict[str, Any] = {}
     try:
         measure(engines, batches, args.rounds, args, vocab, raw)
         agree = agreement(engines, args, vocab)
+        for n, e in engines.items():
+            if e.error is None:
+                counts[n] = e.ask({"op": "counts"})["counts"]
     except KeyboardInterrupt:
         interrupted = True
         print("!! interrupted: writing what was measured", flush=True)
-    finally:
-        counts: dict[str, Any] = {}
-        for n, e in engines.items():
-            if interrupted:
-                e.proc.kill()
-            else:
-                counts[n] = e.close().get("counts")
     timing = {n: {b: stats(v) for b, v in per.items()} for n, per in raw.items()}
     errors = {n: e.error for n, e in engines.items() if e.error}
     errors.update(skipped)
@@ -525,6 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"vllm_gpu-{tag}.md").write_text(table)
     print(table)
     _chart(result, out / f"vllm_gpu-{tag}.png")
+    for e in engines.values():
+        if interrupted:
+            e.proc.kill()
+        else:
+            e.close()
+    # the exit lines exist once the engines have shut down: add them to the JSON
+    result["logged_counts"] = {n: logged_counts(e.log) for n, e in engines.items()}
+    (out / f"vllm_gpu-{tag}.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

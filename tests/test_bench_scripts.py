@@ -62,4 +62,8 @@ def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: P
     procs = result["processes"]["reference"]
     assert any("process=EngineCore" in p or "rank=0" in p for p in procs), procs
     assert result["processes"]["stock"] == []  # plugin off: no process loaded it
+    # per-op call counts from the worker (collective_rpc), plugin on only
+    worker_counts = [c for c in result["counts"]["reference"] if c]
+    assert worker_counts and worker_counts[0].get("rms_norm", 0) > 0, result["counts"]
+    assert not any(result["counts"]["stock"] or [])
     assert (tmp_path / "vllm_gpu-llama3-8b-tiny.md").read_text().count("| reference |") == 2

@@ -113,7 +113,10 @@ atomic ranks on private cursors; ``two_cmp``: ``two`` with ranks by comparison (
 TWO_CMP_CHUNK routes; no atomics)."""
 
 ALIGN_PLAN: tuple[tuple[int, str, int, int], ...] = (
-    (_INT32_MAX, "v1", 0, 0),
+    (16, 'one_cmp', 0, 0),
+    (1024, 'one', 0, 0),
+    (65536, 'two', 256, 0),
+    (_INT32_MAX, 'two', 1024, 0),
 )
 """Which align variant runs, by size: rows ``(max_numel, variant, block, num_warps)``; the
 first row with ``numel <= max_numel`` wins. ``block``/``num_warps`` 0: the variant's default

@@ -53,7 +53,42 @@ _MAX_GRID_Y = 65535
 """CUDA's limit on grid axis 1 (rows of act_and_mul): larger batches launch in chunks."""
 
 
-TUNED: dict[str, dict[str, tuple[tuple[int, tuple[int, ...]], ...]]] = {}
+TUNED: dict[str, dict[str, tuple[tuple[int, tuple[int, ...]], ...]]] = {
+    'H200': {  # bench/kernels.py --sweep
+        'gelu': (
+            (1, (512, 4, 0, 3)),
+            (5, (1024, 8, 0, 3)),
+            (33, (2048, 8, 0, 3)),
+            (129, (2048, 4, 0, 3)),
+            (1025, (4096, 16, 2, 3)),
+            (8193, (8192, 16, 0, 3)),
+        ),
+        'silu': (
+            (1, (512, 4, 0, 0)),
+            (5, (1024, 8, 0, 0)),
+            (33, (1024, 8, 0, 0)),
+            (129, (1024, 4, 0, 0)),
+            (1025, (4096, 16, 2, 0)),
+            (8193, (4096, 16, 2, 0)),
+        ),
+        'rms_norm': (
+            (1, (1, 8, 0)),
+            (5, (1, 8, 0)),
+            (33, (1, 16, 0)),
+            (129, (1, 8, 0)),
+            (1025, (1, 4, 2)),
+            (8193, (1, 4, 0)),
+        ),
+        'fused_add_rms_norm': (
+            (1, (1, 16, 0)),
+            (5, (1, 16, 0)),
+            (33, (1, 16, 0)),
+            (129, (1, 16, 0)),
+            (1025, (1, 8, 2)),
+            (8193, (1, 4, 0)),
+        ),
+    },
+}
 """Per-device launch configs that replace the defaults below (which were tuned on an H100).
 
 ``{device: {kind: ((min_rows, config), ...)}}``: ``device`` is a substring of
