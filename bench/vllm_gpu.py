@@ -291,9 +291,29 @@ class Engine:
             self.proc.kill()
 
 
-def child_env(name: str, policy: str | None) -> dict[str, str]:
+def weights_plugin(work: Path) -> Path:
+    """A folder that makes ``bench/_vllm_weights_plugin.py`` a vLLM general plugin (a module
+    and a ``*.dist-info`` with its entry point), for every configuration's PYTHONPATH."""
+    site = work / "benchsite"
+    info = site / "fl_bench_weights-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    src = Path(__file__).resolve().parent / "_vllm_weights_plugin.py"
+    (site / "fl_bench_weights.py").write_text(src.read_text())
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fl-bench-weights\n"
+                                   "Version: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[vllm.general_plugins]\nfl_bench_weights = fl_bench_weights:register\n")
+    return site
+
+
+def child_env(name: str, policy: str | None, site: Path | None = None,
+              weights: str = "dummy") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
     env.update(CONFIGS[name]["env"])
+    env["FL_BENCH_WEIGHTS"] = weights
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site)] + [
+            q for q in env.get("PYTHONPATH", "").split(os.pathsep) if q])
     if name == "policy":
         if not policy:
             raise SystemExit("--configs policy needs --policy FILE (the YAML that "
@@ -397,8 +417,11 @@ def agreement(engines: dict[str, Engine], args: Any, vocab: int) -> dict[str, An
         # decode-path logprobs over each request's common prefix with stock
         dec = [abs(x - y) for a, b, f in zip(g, base_g, firsts)
                for x, y in zip(a["logprobs"][:f], b["logprobs"][:f])]
+        chosen = [x for a in g for x in a["logprobs"]]
         row: dict[str, Any] = {
             "requests_equal": f"{same}/{len(g)}",
+            # how peaked the model's choices are: about -ln(vocab) when the logits are flat
+            "mean_logprob": sum(chosen) / max(1, len(chosen)),
             "first_diff": min((f for f in firsts if f is not None), default=None),
             "decode_dlogprob_max": max(dec, default=0.0),
         }
@@ -438,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-budget-s", type=float, default=0,
                    help="start no further engine after this many seconds (0: no limit); "
                         "the configurations are started in the order given")
+    p.add_argument("--weights", choices=("spread", "dummy"), default="spread",
+                   help="spread: redraw vLLM's dummy weights with a checkpoint's spread (see "
+                        "_vllm_weights_plugin.py), so that rounding differences can show in "
+                        "tokens and log-probabilities; dummy: vLLM's uniform +-1e-3")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -462,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fl-vllm-gpu-"))
     model = write_model(args.model, args.tiny, dtype, work)
+    site = weights_plugin(work)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     tag = args.model + ("-tiny" if args.tiny else "") + (f"-tp{args.tp}" if args.tp > 1 else "")
     capture = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | set(batches))
@@ -488,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                    "log": str(out / f"vllm_gpu-{tag}-{name}.log")}
         Path(request["log"]).unlink(missing_ok=True)
         print(f"starting {name} ...", flush=True)
-        e = Engine(name, request, child_env(name, args.policy))
+        e = Engine(name, request, child_env(name, args.policy, site, args.weights))
         engines[name] = e
         try:
             ready = e.receive()
@@ -520,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "command": "python3 bench/vllm_gpu.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "vllm": _version("vllm"), "torch": torch.__version__,
-        "batches": batches, "rounds": args.rounds, "prompt_len": args.prompt_len,
+        "weights": args.weights, "batches": batches, "rounds": args.rounds,
+        "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "startup_s": startup, "timing": timing,
         "agreement": agree, "errors": errors,
         "processes": {n: process_lines(e.log) for n, e in engines.items()},
@@ -538,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             e.close()
     # the exit lines exist once the engines have shut down: add them to the JSON
     result["logged_counts"] = {n: logged_counts(e.log) for n, e in engines.items()}
+    result["weights_redrawn"] = {n: len(re.findall(r"fl_bench_weights: redrew", e.log.read_text(
+        errors="replace"))) if e.log.exists() else 0 for n, e in engines.items()}
     (out / f"vllm_gpu-{tag}.json").write_text(json.dumps(result, indent=1))
     return 0
 
@@ -550,7 +581,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [f"### {r['model']} (tp {r['tp']}), {r['device']}, {r['dtype']}, vLLM {r['vllm']}, "
              f"{r['date']}", "", f"`{r['command']}`", "",
              f"{r['rounds']} rounds after a warm-up, configurations alternated; median "
-             f"[min-max]; prompts {r['prompt_len']} tokens, {r['max_tokens']} generated.", ""]
+             f"[min-max]; prompts {r['prompt_len']} tokens, {r['max_tokens']} generated; "
+             f"weights: {r.get('weights', 'dummy')}.", ""]
     head = ["config", "start-up s"]
     for b in r["batches"]:
         head += ["bs1 ms/token", "vs stock"] if b == 1 else [f"bs{b} tok/s", "vs stock"]
@@ -576,13 +608,14 @@ def report(r: dict[str, Any]) -> str:
     lines += ["", "Agreement with stock (greedy decode; teacher-forced |Δ logprob| on stock's "
               "generated tokens):", "",
               "| config | requests equal | first differing position | decode max | "
-              "forced max | forced mean |", "|---|---|---|---|---|---|"]
+              "forced max | forced mean | mean chosen logprob |", "|---|---|---|---|---|---|---|"]
     for name, a in (r["agreement"] or {}).items():
         if not isinstance(a, dict):
             continue
         lines.append(f"| {name} | {a['requests_equal']} | {a['first_diff']} | "
                      f"{a['decode_dlogprob_max']:.4f} | {a.get('forced_dlogprob_max', 0):.4f} | "
-                     f"{a.get('forced_dlogprob_mean', 0):.5f} |")
+                     f"{a.get('forced_dlogprob_mean', 0):.5f} | "
+                     f"{a.get('mean_logprob', float('nan')):.3f} |")
     lines += ["", "Processes that logged the plugin's selection:", ""]
     for name, procs in r["processes"].items():
         if procs:

@@ -59,6 +59,11 @@ def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: P
     ref = result["agreement"]["reference"]
     assert ref["requests_equal"] == "2/2" and ref["first_diff"] is None
     assert ref["forced_positions"] == 2 * 3 and ref["forced_dlogprob_max"] < 1e-4
+    # the weights were redrawn (once per engine) with a spread: choices far from flat
+    # (-ln(512) = -6.24 with vLLM's uniform +-1e-3 dummy weights)
+    assert result["weights"] == "spread" and result["weights_redrawn"] == {"stock": 1,
+                                                                          "reference": 1}
+    assert result["agreement"]["stock"]["mean_logprob"] > -5.0
     procs = result["processes"]["reference"]
     assert any("process=EngineCore" in p or "rank=0" in p for p in procs), procs
     assert result["processes"]["stock"] == []  # plugin off: no process loaded it
