@@ -307,7 +307,7 @@ def weights_plugin(work: Path) -> Path:
 
 
 def child_env(name: str, policy: str | None, site: Path | None = None,
-              weights: str = "dummy") -> dict[str, str]:
+              weights: str = "dummy", count_calls: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
     env.update(CONFIGS[name]["env"])
     env["FL_BENCH_WEIGHTS"] = weights
@@ -319,7 +319,8 @@ def child_env(name: str, policy: str | None, site: Path | None = None,
             raise SystemExit("--configs policy needs --policy FILE (the YAML that "
                              "`fl-dispatch bench --write-config` wrote)")
         env["VLLM_FL_CONFIG"] = os.path.abspath(policy)
-    env.setdefault("VLLM_FL_DISPATCH_DEBUG", "1")  # per-op call counts, from the worker
+    if count_calls:  # per-op call counts in the worker; note: it also stops compiled graphs
+        env["VLLM_FL_DISPATCH_DEBUG"] = "1"  # from tracing traceable impls (layers.TRACE)
     env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(our function)
     return env
 
@@ -465,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="spread: redraw vLLM's dummy weights with a checkpoint's spread (see "
                         "_vllm_weights_plugin.py), so that rounding differences can show in "
                         "tokens and log-probabilities; dummy: vLLM's uniform +-1e-3")
+    p.add_argument("--count-calls", action="store_true",
+                   help="VLLM_FL_DISPATCH_DEBUG=1 in every configuration: per-op call counts "
+                        "from the workers; it also keeps traceable impls (reference) opaque "
+                        "in compiled graphs, so throughput is not the default configuration's")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -516,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                    "log": str(out / f"vllm_gpu-{tag}-{name}.log")}
         Path(request["log"]).unlink(missing_ok=True)
         print(f"starting {name} ...", flush=True)
-        e = Engine(name, request, child_env(name, args.policy, site, args.weights))
+        e = Engine(name, request, child_env(name, args.policy, site, args.weights,
+                                            args.count_calls))
         engines[name] = e
         try:
             ready = e.receive()
@@ -548,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "command": "python3 bench/vllm_gpu.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "vllm": _version("vllm"), "torch": torch.__version__,
-        "weights": args.weights, "batches": batches, "rounds": args.rounds,
+        "weights": args.weights, "count_calls": args.count_calls, "batches": batches,
+        "rounds": args.rounds,
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens, "startup_s": startup, "timing": timing,
         "agreement": agree, "errors": errors,

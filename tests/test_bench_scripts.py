@@ -48,7 +48,7 @@ def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: P
 
     cmd = [sys.executable, str(BENCH / "vllm_gpu.py"), "--tiny", "--configs", "stock,reference",
            "--batches", "1,3", "--rounds", "1", "--max-tokens", "3", "--check-prompts", "2",
-           "--check-tokens", "3", "--mem", "0.08", "--out", str(tmp_path)]
+           "--check-tokens", "3", "--mem", "0.08", "--count-calls", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "vllm_gpu-llama3-8b-tiny.json").read_text())
