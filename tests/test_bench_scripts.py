@@ -72,3 +72,32 @@ def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: P
     assert worker_counts and worker_counts[0].get("rms_norm", 0) > 0, result["counts"]
     assert not any(result["counts"]["stock"] or [])
     assert (tmp_path / "vllm_gpu-llama3-8b-tiny.md").read_text().count("| reference |") == 2
+
+
+@pytest.mark.interpreter
+def test_moe_layer_bench_cpu_smoke_matches_reference(tmp_path: Path) -> None:
+    """bench/moe_layer.py on the CPU (--device cpu --tiny, Triton's interpreter): the whole
+    layer (flagos routing -> fused_experts) of each shape matches the reference composition at
+    the check sizes, and every timed point has its whole-layer and summed-pieces numbers
+    (host wall clock, labelled so)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(BENCH / "moe_layer.py"), "--device", "cpu", "--tiny",
+           "--tokens", "1,4", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "moe_layer.json").read_text())
+    assert result["problems"] == [], result["problems"]
+    checks = result["check"]
+    assert {(c["shape"], c["T"]) for c in checks} == {
+        (s, t) for s in ("mixtral", "qwen3", "deepseek") for t in (1, 33)}
+    assert result["check_all_ok"] and all(c["ok"] and c["routing"] == "same" for c in checks)
+    assert all(c["max_abs_vs_ref"] <= 2e-2 for c in checks)
+    assert len(result["rows"]) == 6
+    for row in result["rows"]:
+        assert row["wall"] and row["whole"] > 0 and row["sum_flagos"] > 0
+        assert row["met_flagos"] is None  # wall clock: no verdict on the target
+    assert "NOT device time" in (tmp_path / "moe_layer.txt").read_text()
