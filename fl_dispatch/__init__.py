@@ -3,7 +3,8 @@
 What a backend author needs (see docs/writing-a-backend.md): the hook markers
 (:data:`hookimpl`), :class:`BackendInfo`, :class:`Registrar` and :class:`ImplTable`, the op
 definition type (:class:`OpSpec`, :func:`define_op`) and the contract helpers
-(:func:`write_out`, :func:`weight_or_ones`, :func:`copy_back`, :func:`reference`,
+(:func:`write_out`, :func:`weight_or_ones`, :func:`copy_back`, :func:`write_contiguous`,
+:func:`reference`,
 :func:`check_args`, :func:`checked`). What a
 caller needs: :data:`ops` (``fl_dispatch.ops.<op>(...)``), :func:`get_op`, :data:`fast` with
 :func:`recover`, and the errors. The conformance kit is :mod:`fl_dispatch.testing`.
@@ -40,6 +41,7 @@ from .core.opspec import (
     copy_back,
     define_op,
     weight_or_ones,
+    write_contiguous,
     write_out,
 )
 from .core.process import process_rank
@@ -152,5 +154,6 @@ __all__ = [
     "reference",
     "reset",
     "weight_or_ones",
+    "write_contiguous",
     "write_out",
 ]

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from fl_dispatch import ImplTable, checked, reference
+from fl_dispatch import ImplTable, checked, reference, write_contiguous
 
 from .ops import load_extension
 
@@ -138,17 +138,6 @@ impls = ImplTable(impl_id="vendor.cuda", kind="vendor", vendor="cuda",
 """vLLM's MoE kernels, one impl per op (each with its own check: library + schema)."""
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def _target(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A contiguous tensor to write ``t``'s values into, and whether to copy back."""
-    return (t, False) if t.is_contiguous() else (torch.empty_like(t, memory_format=
-                                                                  torch.contiguous_format),
-                                                  True)
-
-
 # ----------------------------------------------------------------------------- routing
 @impls.impl(check=_op_check("topk_softmax"))
 @checked
@@ -165,15 +154,11 @@ def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
     if num_tokens == 0:
         return None
     if bias is not None:  # the library wants fp32, 1-D, contiguous
-        bias = _contiguous(bias.reshape(-1).to(torch.float32))
-    w, cw = _target(topk_weights)
-    ids, ci = _target(topk_ids)
-    tei, ct = _target(token_expert_indices)
-    _call("topk_softmax", w, ids, tei, _contiguous(gating_output), bool(renormalize), bias)
-    for copy, dst, src in ((cw, topk_weights, w), (ci, topk_ids, ids),
-                           (ct, token_expert_indices, tei)):
-        if copy:
-            dst.copy_(src)
+        bias = bias.reshape(-1).to(torch.float32).contiguous()
+    gating = gating_output.contiguous()
+    write_contiguous(lambda w, ids, tei: _call("topk_softmax", w, ids, tei, gating,
+                                               bool(renormalize), bias),
+                     topk_weights, topk_ids, token_expert_indices)
     return None
 
 
@@ -195,8 +180,8 @@ def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, t
     if bias is None:
         b = torch.zeros(num_experts, dtype=scores.dtype, device=scores.device)
     else:
-        b = _contiguous(bias.reshape(-1).to(scores.dtype))
-    weights, ids = _call("grouped_topk", _contiguous(scores), int(num_expert_group),
+        b = bias.reshape(-1).to(scores.dtype).contiguous()
+    weights, ids = _call("grouped_topk", scores.contiguous(), int(num_expert_group),
                          int(topk_group), int(topk), bool(renormalize),
                          float(routed_scaling_factor), b, int(scoring_func))
     if weights.dtype != torch.float32:  # builds before e35e487 return the scores' dtype
@@ -234,7 +219,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
                                                  sorted_token_ids, experts_ids,
                                                  num_tokens_post_pad, expert_map)
     # without the map: the C op's map path drops non-local routes (ignore_invalid_experts)
-    _call("moe_align_block_size", _contiguous(topk_ids), int(num_experts), int(block_size),
+    _call("moe_align_block_size", topk_ids.contiguous(), int(num_experts), int(block_size),
           sorted_token_ids, experts_ids, num_tokens_post_pad, None)
     if expert_map is not None:
         apply_expert_map(experts_ids, num_tokens_post_pad, block_size, num_experts,
@@ -253,10 +238,8 @@ def moe_sum(input: torch.Tensor, output: torch.Tensor) -> None:
     if topk == 0:
         output.zero_()
         return None
-    out, copy = _target(output)
-    _call("moe_sum", _contiguous(input), out)
-    if copy:
-        output.copy_(out)
+    x = input.contiguous()
+    write_contiguous(lambda out: _call("moe_sum", x, out), output)
     return None
 
 
@@ -312,11 +295,11 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
         glob = torch.arange(global_num_experts, device=topk_ids.device, dtype=torch.int32)
         expert_map = torch.where(glob < num_local, glob, torch.full_like(glob, -1))
     act = act_type(activation) if act_type is not None else activation
-    return fn(hidden_states=_contiguous(hidden_states),
+    return fn(hidden_states=hidden_states.contiguous(),
               w1=w1 if w1.stride(-1) == 1 else w1.contiguous(),
               w2=w2 if w2.stride(-1) == 1 else w2.contiguous(),
-              topk_weights=_contiguous(topk_weights.to(torch.float32)),
-              topk_ids=_contiguous(topk_ids), activation=act,
+              topk_weights=topk_weights.to(torch.float32).contiguous(),
+              topk_ids=topk_ids.contiguous(), activation=act,
               apply_router_weight_on_input=bool(apply_router_weight_on_input),
               global_num_experts=int(global_num_experts), expert_map=expert_map)
 

@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 
-from fl_dispatch import checked
+from fl_dispatch import checked, write_contiguous
 
 from .flaggems import impls
-from .moe_routing import write_contiguous
 
 TOPK_MAX = 32
 """FlagGems topk_softmax: ``assert topk <= 32``; grouped_topk: ``n_group``/``topk`` <= 32."""
@@ -67,10 +66,6 @@ def _own() -> Any:
 # imports): importing this module adds the MoE impls below to it.
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 @impls.impl()
 @checked
 def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -86,7 +81,7 @@ def topk_softmax(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                                    gating_output, renormalize, e_score_correction_bias)
     if num_tokens == 0:
         return None
-    gating = _contiguous(gating_output)
+    gating = gating_output.contiguous()
     write_contiguous(lambda w, ids, tei: _fused().topk_softmax(w, ids, tei, gating,
                                                                 bool(renormalize)),
                      topk_weights, topk_ids, token_expert_indices)
@@ -112,8 +107,8 @@ def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, t
     if bias is None:  # FlagGems requires a bias
         b = torch.zeros(num_experts, dtype=scores.dtype, device=scores.device)
     else:
-        b = _contiguous(bias.reshape(-1).to(scores.dtype))
-    return _fused().grouped_topk(_contiguous(scores), int(num_expert_group), int(topk_group),
+        b = bias.reshape(-1).to(scores.dtype).contiguous()
+    return _fused().grouped_topk(scores.contiguous(), int(num_expert_group), int(topk_group),
                                  int(topk), bool(renormalize), float(routed_scaling_factor),
                                  b, int(scoring_func))
 
@@ -142,7 +137,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
         return _own().moe_align_block_size(topk_ids, num_experts, block_size,
                                            sorted_token_ids, experts_ids,
                                            num_tokens_post_pad, expert_map)
-    _fused().moe_align_block_size_triton(_contiguous(topk_ids), int(num_experts),
+    _fused().moe_align_block_size_triton(topk_ids.contiguous(), int(num_experts),
                                          int(block_size), sorted_token_ids, experts_ids,
                                          num_tokens_post_pad)
     if expert_map is not None:
@@ -194,8 +189,8 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
         return torch.empty((0, hidden_states.shape[1]), dtype=hidden_states.dtype,
                            device=hidden_states.device)
     return _fused().fused_experts_impl(
-        _contiguous(hidden_states), w1, w2, _contiguous(topk_weights.to(torch.float32)),
-        _contiguous(topk_ids), inplace=False, activation="silu",
+        hidden_states.contiguous(), w1, w2, topk_weights.to(torch.float32).contiguous(),
+        topk_ids.contiguous(), inplace=False, activation="silu",
         apply_router_weight_on_input=bool(apply_router_weight_on_input),
         global_num_experts=int(glob), expert_map=expert_map)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from fl_dispatch import checked
+from fl_dispatch import checked, write_contiguous
 
 from .launcher import TritonKernel, pow2
 
@@ -187,17 +187,6 @@ def _launch(kernel: TritonKernel, grid: tuple[int, int, int], tensors: tuple,
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) with a unit last stride: itself or a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def write_contiguous(kernel: Callable[..., None], *outs: torch.Tensor) -> None:
-    """``kernel(*targets)``: each of ``outs`` itself when contiguous, else a contiguous stand-in
-    whose values are copied into it afterwards (a kernel that assumes contiguous rows)."""
-    targets = [t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-               for t in outs]
-    kernel(*targets)
-    for t, target in zip(outs, targets):
-        if target is not t:
-            t.copy_(target)
 
 
 def _check_float(op: str, name: str, t: torch.Tensor) -> None:

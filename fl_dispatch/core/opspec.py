@@ -261,6 +261,20 @@ def weight_or_ones(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
     return torch.ones(like.shape[-1], dtype=like.dtype, device=like.device)
 
 
+def write_contiguous(kernel: Callable[..., None], *outs: torch.Tensor) -> None:
+    """``kernel(*targets)`` for a kernel that writes contiguous outputs: each of ``outs``
+    itself when contiguous, else a contiguous stand-in whose values are copied into it
+    afterwards (the outputs of an in-place op may be strided views)."""
+    import torch
+
+    targets = [t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+               for t in outs]
+    kernel(*targets)
+    for t, target in zip(outs, targets):
+        if target is not t:
+            t.copy_(target)
+
+
 def copy_back(target: torch.Tensor, computed: torch.Tensor) -> None:
     """Write ``computed`` into the caller's ``target`` unless it already is that memory
     (a kernel that needed a contiguous copy of a strided in-place argument)."""
