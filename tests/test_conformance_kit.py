@@ -238,3 +238,27 @@ def test_plugin_that_fails_to_load_is_one_failure(suite: dict[str, Any]) -> None
         in message
     [(parts, outcome, message)] = suite["tests"]["test_missing"]
     assert outcome == "failed" and "no plugin named 'nosuchvendor'" in message
+
+
+def test_align_mismatch_compares_what_the_contract_fixes() -> None:
+    """The kit's alignment comparison: order inside an expert segment and the slots past the
+    used blocks are free; the padded total, the used blocks' experts and each segment's token
+    multiset are not."""
+    import torch
+
+    from fl_dispatch.testing.inputs_moe import align_mismatch
+
+    pad = 6
+    # expert 0: blocks 0-1 (tokens 0, 3), expert 1: blocks 2-3 (1, 2, 4, 5), block 4 unused
+    want = (torch.tensor([0, 3, pad, pad, 1, 2, 4, 5, pad, pad], dtype=torch.int32),
+            torch.tensor([0, 0, 1, 1, 0], dtype=torch.int32), torch.tensor([8]))
+    got = (torch.tensor([3, pad, 0, pad, 2, 5, 4, 1, 7, 7], dtype=torch.int32),
+           torch.tensor([0, 0, 1, 1, 9], dtype=torch.int32), torch.tensor([8]))
+    assert align_mismatch(got, want, 2) is None
+    assert align_mismatch((got[0], got[1], torch.tensor([10])), want, 2).startswith(
+        "num_tokens_post_pad 10 vs 8")
+    assert align_mismatch((got[0], torch.tensor([0, 1, 1, 1, 0], dtype=torch.int32), got[2]),
+                          want, 2) == "experts_ids differ"
+    moved = got[0].clone()
+    moved[[0, 4]] = moved[[4, 0]]  # token 3 to expert 1's segment, token 2 to expert 0's
+    assert align_mismatch((moved, got[1], got[2]), want, 2) == "per-expert token sets differ"

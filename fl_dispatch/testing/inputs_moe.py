@@ -116,6 +116,27 @@ def align_canonical(args: dict[str, Any]) -> None:
     ids[:n].copy_(ids[:n][key.argsort()])
 
 
+def align_mismatch(got: tuple, want: tuple, block_size: int) -> str | None:
+    """None when two ``moe_align_block_size`` results ``(sorted_token_ids, experts_ids,
+    num_tokens_post_pad)`` agree as far as the contract fixes them (``num_tokens_post_pad``,
+    the used blocks' experts, each expert segment's tokens as a multiset: ``align_canonical``
+    on copies); else what differs. The slots past the used blocks are not compared."""
+    if not torch.equal(got[2], want[2]):
+        return f"num_tokens_post_pad {got[2].item()} vs {want[2].item()}"
+    used = int(want[2].item()) // block_size
+    if not torch.equal(got[1][:used], want[1][:used]):
+        return "experts_ids differ"
+    canon = []
+    for b in (got, want):
+        a = {"block_size": block_size, "sorted_token_ids": b[0].clone(),
+             "experts_ids": b[1].clone(), "num_tokens_post_pad": b[2]}
+        align_canonical(a)
+        canon.append(a["sorted_token_ids"][:used * block_size])
+    if not torch.equal(canon[0], canon[1]):
+        return "per-expert token sets differ"
+    return None
+
+
 def align_case(tokens: int, experts: int, k: int, block: int, *, routing: str = "random",
                expert_map: bool = False, ids_dtype: str = "int32") -> Case:
     """``moe_align_block_size``; ``routing``: random, one (every route on expert 1), sparse
