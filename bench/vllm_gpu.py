@@ -134,13 +134,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
 it only takes part in the agreement check (the noise floor)."""
 
 
-def write_model(name: str, tiny: bool, dtype: str, root: Path) -> Path:
+def define_config(spec: str) -> tuple[str, dict[str, str]]:
+    """``--define 'NAME=VAR=VALUE [VAR=VALUE ...]'`` -> (NAME, {VAR: VALUE}); assignments are
+    separated by spaces (values use ``;``, ``|`` and ``,``); only fl-dispatch's own variables
+    (``VLLM_FL_*``), which the child environment otherwise drops."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or name in CONFIGS:
+        raise SystemExit(f"--define {spec!r}: expected 'NAME=VAR=VALUE [VAR=VALUE ...]' with a "
+                         f"new NAME (taken: {', '.join(CONFIGS)})")
+    env: dict[str, str] = {}
+    for item in rest.split():
+        var, eq, value = item.partition("=")
+        if not eq or not var.startswith("VLLM_FL_"):
+            raise SystemExit(f"--define {spec!r}: {item!r} is not VLLM_FL_<NAME>=VALUE")
+        env[var] = value
+    if not env:
+        raise SystemExit(f"--define {spec!r}: sets no variable")
+    return name, env
+
+
+def write_model(name: str, tiny: bool, dtype: str, root: Path, layers: int = 0) -> Path:
     spec = MODELS[name]
     config = dict(spec["config"])
     if tiny:
         config.update(spec["tiny"])
+    if layers:
+        config["num_hidden_layers"] = layers
     config["torch_dtype"] = dtype
-    target = root / (name + ("-tiny" if tiny else ""))
+    target = root / (name + ("-tiny" if tiny else "") + (f"-l{layers}" if layers else ""))
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").write_text(json.dumps(config, indent=1))
     return target
@@ -443,6 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="stock,stock-eager,flagos,cuda,reference",
                    help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--policy", help="YAML policy file for the 'policy' configuration")
+    p.add_argument("--define", action="append", default=[], metavar="'NAME=VAR=VALUE [VAR=VALUE ...]'",
+                   help="an extra configuration, usable in --configs: NAME and the fl-dispatch "
+                        "variables it sets, e.g. 'flagos-normref=VLLM_FL_PREFER=flagos "
+                        "VLLM_FL_PER_OP=rms_norm=reference;fused_add_rms_norm=reference' "
+                        "(repeatable)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="override the model's layer count (same layer shapes, fewer of them: "
+                        "lets several engines of a large model share one GPU for the "
+                        "agreement check); 0: the model's own")
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds; 0: only the agreement check")
@@ -481,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    for spec in args.define:
+        name, env = define_config(spec)
+        CONFIGS[name] = {"env": env}
     names = [c for c in args.configs.split(",") if c]
     bad = [c for c in names if c not in CONFIGS]
     if bad:
@@ -493,10 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fl-vllm-gpu-"))
-    model = write_model(args.model, args.tiny, dtype, work)
+    if args.layers < 0:
+        raise SystemExit(f"--layers {args.layers}: must be >= 0 (0: the model's own)")
+    model = write_model(args.model, args.tiny, dtype, work, args.layers)
     site = weights_plugin(work)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    tag = args.model + ("-tiny" if args.tiny else "") + (f"-tp{args.tp}" if args.tp > 1 else "")
+    tag = (args.model + ("-tiny" if args.tiny else "") + (f"-l{args.layers}" if args.layers else "")
+           + (f"-tp{args.tp}" if args.tp > 1 else ""))
     capture = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | set(batches))
     capture = [c for c in capture if c <= max(batches + [args.check_prompts])]
 

@@ -38,6 +38,34 @@ def test_kernels_bench_skips_ops_an_impl_does_not_serve() -> None:
                                                                             "rotary_neox")
 
 
+def test_vllm_gpu_define_adds_a_configuration_and_rejects_what_it_cannot_set(
+        tmp_path: Path) -> None:
+    """--define 'NAME=VAR=VALUE VAR=VALUE' gives a configuration of fl-dispatch variables (the per-op
+    ablations of the dense model); anything else is refused with the offending part named.
+    --layers keeps the layer shapes and changes only the depth."""
+    import json
+
+    vg = _load("vllm_gpu")
+    name, env = vg.define_config("flagos-normref=VLLM_FL_PREFER=flagos "
+                                 "VLLM_FL_PER_OP=rms_norm=reference|flagos;fused_add_rms_norm"
+                                 "=reference")
+    assert name == "flagos-normref"
+    assert env == {"VLLM_FL_PREFER": "flagos",
+                   "VLLM_FL_PER_OP": "rms_norm=reference|flagos;fused_add_rms_norm=reference"}
+    for bad, says in (("stock=VLLM_FL_PREFER=flagos", "new NAME"),
+                      ("x=CUDA_VISIBLE_DEVICES=1", "'CUDA_VISIBLE_DEVICES=1' is not VLLM_FL_"),
+                      ("x=VLLM_FL_PREFER", "'VLLM_FL_PREFER' is not VLLM_FL_"),
+                      ("x=", "sets no variable"), ("noequals", "expected 'NAME=VAR=VALUE")):
+        with pytest.raises(SystemExit, match=says):
+            vg.define_config(bad)
+    full = json.loads((vg.write_model("qwen3-30b-a3b", False, "bfloat16", tmp_path)
+                       / "config.json").read_text())
+    cut = json.loads((vg.write_model("qwen3-30b-a3b", False, "bfloat16", tmp_path, layers=4)
+                      / "config.json").read_text())
+    assert cut.pop("num_hidden_layers") == 4 and full.pop("num_hidden_layers") == 48
+    assert cut == full
+
+
 @pytest.mark.vllm
 def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: Path) -> None:
     """bench/vllm_gpu.py on the CPU build (--tiny): two engines alive at once, timed in
