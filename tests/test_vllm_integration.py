@@ -244,3 +244,44 @@ def test_bad_global_switch_is_a_clear_error():
                           timeout=120)
     assert proc.returncode != 0
     assert "env:VLLM_FL_PREFER_ENABLED: 'maybe' is not a boolean" in proc.stderr
+
+
+def test_compiled_rotary_on_qkv_views_copies_q_and_k_not_qkv():
+    """Regression (H200, Llama-3-8B: plugin on 2-4% below stock at batch 64/256): vLLM
+    compiles with auto_functionalized v1, under which an opaque op mutating the q/k slices of
+    the qkv projection made Inductor clone each slice's whole span of qkv (and scatter it
+    back). The compiled rotary now rotates fresh copies of q and k: the buffers Inductor
+    allocates before the op are exactly q's and k's sizes, and the result is vLLM's."""
+    result, _ = run("""
+    import re
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
+    vllm_plugin.register()
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(32, max_position=128, is_neox_style=True, rope_parameters=None,
+                        dtype=torch.float32)
+    torch.manual_seed(0)
+    w = torch.randn(64, 6 * 32)
+    def f(x, pos):
+        q, k, v = (x @ w).split([4 * 32, 32, 32], -1)
+        q, k = rope(pos, q, k)
+        return q * 2, k + 1, v
+    x, pos = torch.randn(9, 64), torch.randint(0, 128, (9,))
+    with inductor_config.patch(enable_auto_functionalized_v2=False):
+        out, code = run_and_get_code(torch.compile(f, dynamic=True), x, pos)
+    src = "\\n".join(code)
+    before = src[:src.index("torch.ops.fl_dispatch.rotary_embedding.default(")]
+    q, k, v = (x @ w).split([4 * 32, 32, 32], -1)
+    eq, ek = rope.forward_native(pos, q.clone(), k.clone())
+    emit(allocs=[re.sub(r"\\bs\\d+\\b", "T", a)
+                 for a in re.findall(r"empty_strided_cpu\\(\\(([^)]*)\\)", before)],
+         scatter="slice_scatter" in src, same=[torch.allclose(out[0], eq * 2, atol=1e-6),
+                                                torch.allclose(out[1], ek + 1, atol=1e-6),
+                                                torch.equal(out[2], v)])
+    """, VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="1")
+    # the mm output, then q's and k's copies ([T, 128] and [T, 32]); before the change: two
+    # flat spans of 192 * T - 64 and 192 * T - 32 elements (nearly all of qkv, twice)
+    assert result["allocs"] == ["T, 192", "T, 128", "T, 32"], result["allocs"]
+    assert not result["scatter"] and all(result["same"]), result

