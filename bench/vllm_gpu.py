@@ -161,10 +161,18 @@ def write_model(name: str, tiny: bool, dtype: str, root: Path, layers: int = 0) 
     if layers:
         config["num_hidden_layers"] = layers
     config["torch_dtype"] = dtype
-    target = root / (name + ("-tiny" if tiny else "") + (f"-l{layers}" if layers else ""))
+    target = root / (name + ("-tiny" if tiny else "") + (f"-l{layers}" if layers else "")
+                     + f"-{dtype}")
     target.mkdir(parents=True, exist_ok=True)
-    (target / "config.json").write_text(json.dumps(config, indent=1))
+    _write(target / "config.json", json.dumps(config, indent=1))
     return target
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` atomically: runs on two GPUs at once share the fixed work folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -319,11 +327,10 @@ def weights_plugin(work: Path) -> Path:
     info = site / "fl_bench_weights-0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     src = Path(__file__).resolve().parent / "_vllm_weights_plugin.py"
-    (site / "fl_bench_weights.py").write_text(src.read_text())
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fl-bench-weights\n"
-                                   "Version: 0\n")
-    (info / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\nfl_bench_weights = fl_bench_weights:register\n")
+    _write(site / "fl_bench_weights.py", src.read_text())
+    _write(info / "METADATA", "Metadata-Version: 2.1\nName: fl-bench-weights\nVersion: 0\n")
+    _write(info / "entry_points.txt",
+           "[vllm.general_plugins]\nfl_bench_weights = fl_bench_weights:register\n")
     return site
 
 
@@ -363,6 +370,22 @@ def logged_counts(log: Path) -> list[str]:
     return re.findall(r"call counts \(pid \d+\): [^\n]*", log.read_text(errors="replace"))
 
 
+def startup_detail(log: Path) -> dict[str, float]:
+    """vLLM's own start-up breakdown from an engine's log (seconds): weights, the engine's
+    initialisation (profile, KV cache, warm-up, CUDA graphs) and the torch.compile part of it;
+    first match per process (TP workers log theirs too)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = {}
+    for key, pat in (("load_s", r"Model loading took .*? and ([\d.]+) s"),
+                     ("init_s", r"init engine \(profile, create kv cache, warmup model\) took "
+                                r"([\d.]+) s"),
+                     ("compile_s", r"\(compilation: ([\d.]+) s\)")):
+        m = re.search(pat, text)
+        if m:
+            found[key] = float(m.group(1))
+    return found
+
+
 def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
@@ -390,6 +413,9 @@ def measure(engines: dict[str, Engine], batches: list[int], rounds: int, args: A
                 value = full["tokens"] / full["s"]  # output tokens/s
             if record:
                 raw.setdefault(name, {}).setdefault(str(batch), []).append(value)
+                # on stdout as measured: a run cut short keeps its numbers in the log
+                unit = "ms/token" if batch == 1 else "tok/s"
+                print(f"  {name} bs{batch}: {value:.4g} {unit}", flush=True)
         except Exception as exc:
             e.fail(exc)
 
@@ -464,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="stock,stock-eager,flagos,cuda,reference",
                    help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--policy", help="YAML policy file for the 'policy' configuration")
-    p.add_argument("--define", action="append", default=[], metavar="'NAME=VAR=VALUE [VAR=VALUE ...]'",
+    p.add_argument("--define", action="append", default=[],
+                   metavar="'NAME=VAR=VALUE [VAR=VALUE ...]'",
                    help="an extra configuration, usable in --configs: NAME and the fl-dispatch "
                         "variables it sets, e.g. 'flagos-normref=VLLM_FL_PREFER=flagos "
                         "VLLM_FL_PER_OP=rms_norm=reference;fused_add_rms_norm=reference' "
@@ -525,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--max-tokens {args.max_tokens}: must be >= 2 (time per token)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fl-vllm-gpu-"))
+    # a fixed folder: the model's path is part of vLLM's compile-cache key, so a second run
+    # on a warm machine starts every configuration from its cache (the start-up comparison)
+    work = Path(tempfile.gettempdir()) / "fl-vllm-gpu"
     if args.layers < 0:
         raise SystemExit(f"--layers {args.layers}: must be >= 0 (0: the model's own)")
     model = write_model(args.model, args.tiny, dtype, work, args.layers)
@@ -540,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     engines: dict[str, Engine] = {}
     startup: dict[str, float] = {}
+    detail: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
     for name in names:
         if args.start_budget_s and time.perf_counter() - t_start > args.start_budget_s:
@@ -563,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ready = e.receive()
             startup[name] = ready["ready_s"]
-            print(f"  {name}: ready in {ready['ready_s']:.1f} s", flush=True)
+            detail[name] = startup_detail(e.log)
+            print(f"  {name}: ready in {ready['ready_s']:.1f} s {detail[name]}", flush=True)
         except Exception as exc:
             e.fail(exc)
 
@@ -593,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         "weights": args.weights, "count_calls": args.count_calls, "batches": batches,
         "rounds": args.rounds,
         "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens, "startup_s": startup, "timing": timing,
+        "max_tokens": args.max_tokens, "startup_s": startup,
+        "startup_detail": detail, "timing": timing,
         "agreement": agree, "errors": errors,
         "processes": {n: process_lines(e.log) for n, e in engines.items()},
         "counts": counts,
@@ -617,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    # once: `timeout` signals the whole process group, and a second SIGTERM arriving while
+    # the results are written would lose them (it did, on the H200)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -648,6 +683,14 @@ def report(r: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     for name, err in r["errors"].items():
         lines.append(f"\n**{name} failed**: {err}")
+    lines += ["", "Start-up, in the order started (s; from vLLM's log: weights, engine "
+              "initialisation (profile, KV cache, warm-up, CUDA graphs) and the torch.compile "
+              "part of it):", "", "| config | total | weights | engine init | compile |",
+              "|---|---|---|---|---|"]
+    for name, total in r["startup_s"].items():
+        d = r.get("startup_detail", {}).get(name, {})
+        lines.append(f"| {name} | {total:.1f} | " + " | ".join(
+            f"{d[k]:.1f}" if k in d else "-" for k in ("load_s", "init_s", "compile_s")) + " |")
     lines += ["", "Agreement with stock (greedy decode; teacher-forced |Δ logprob| on stock's "
               "generated tokens):", "",
               "| config | requests equal | first differing position | decode max | "

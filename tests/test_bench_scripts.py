@@ -40,8 +40,9 @@ def test_kernels_bench_skips_ops_an_impl_does_not_serve() -> None:
 
 def test_vllm_gpu_define_adds_a_configuration_and_rejects_what_it_cannot_set(
         tmp_path: Path) -> None:
-    """--define 'NAME=VAR=VALUE VAR=VALUE' gives a configuration of fl-dispatch variables (the per-op
-    ablations of the dense model); anything else is refused with the offending part named.
+    """--define 'NAME=VAR=VALUE VAR=VALUE' gives a configuration of fl-dispatch variables (the
+    per-op ablations of the dense model); anything else is refused with the offending part
+    named.
     --layers keeps the layer shapes and changes only the depth."""
     import json
 
@@ -99,7 +100,10 @@ def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: P
     worker_counts = [c for c in result["counts"]["reference"] if c]
     assert worker_counts and worker_counts[0].get("rms_norm", 0) > 0, result["counts"]
     assert not any(result["counts"]["stock"] or [])
-    assert (tmp_path / "vllm_gpu-llama3-8b-tiny.md").read_text().count("| reference |") == 2
+    md = (tmp_path / "vllm_gpu-llama3-8b-tiny.md").read_text()
+    assert md.count("| reference |") == 3  # timing, start-up and agreement tables
+    # vLLM's own start-up breakdown, read from the engine's log
+    assert result["startup_detail"]["reference"]["init_s"] > 0, result
 
 
 @pytest.mark.interpreter
