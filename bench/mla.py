@@ -411,6 +411,9 @@ def main() -> int:
                 why = None
                 try:
                     why = check_ours(inp, scale, causal, rows=4)
+                    # a device fault is reported asynchronously: name it here, not in the
+                    # next impl (h128 s_q2 32k ended in an unattributed illegal access)
+                    torch.cuda.synchronize()
                 except Exception as exc:
                     why = f"{type(exc).__name__}: {exc}"
                 case["spot_check"] = why or "ok"
@@ -436,6 +439,7 @@ def main() -> int:
                 if vllm_fwd is not None:
                     try:
                         fns["vllm_triton"] = vllm_triton_fn(vllm_fwd, inp, scale, causal)
+                        torch.cuda.synchronize()
                     except Exception as exc:
                         case["impls"]["vllm_triton"] = {"error": str(exc)[:300]}
                 if fm_ops is not None:

@@ -168,3 +168,30 @@ def test_benchmark_inputs_stay_finite_when_replayed() -> None:
     for _ in range(3000):
         ops.rms_norm(**args)
     assert torch.isfinite(args["residual"]).all() and torch.isfinite(args["x"]).all()
+
+
+def test_time_limit_stops_starting_runs_and_the_policy_rests_on_what_was_timed(
+        tmp_path: Path) -> None:
+    """--time-limit-s: past the limit no measurement starts; the rest are reported as not
+    run, the summary says how many and which ops, and the written policy is still valid
+    (ranked on what was measured). Without a terminal each run is one flushed stderr line
+    (a log on the GPU machine shows where the time goes, even when the call is cut)."""
+    from fl_dispatch.tools.cli import main
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("VLLM_FL_") and k != "PYTHONPATH"}
+    policy, out = tmp_path / "policy.yaml", tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_dispatch", "bench", *TINY, "--op", "rms_norm,silu_and_mul",
+         "--time-limit-s", "1e-9", "--json", str(out), "--write-config", str(policy)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    ran = [r for r in results if r["status"] == "ok"]
+    cut = [r for r in results if r["note"].startswith("not run: --time-limit-s 1e-09")]
+    assert len(ran) == 1 and len(cut) == len(results) - 1 and all(r["us"] is None for r in cut)
+    assert f"time limit reached: {len(cut)} of {len(results)} runs not made" in proc.stdout
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("bench [")]
+    assert len(progress) == len(results) and progress[-1].startswith(
+        f"bench [{len(results)}/{len(results)}]")
+    assert main(["check", str(policy)]) == 0

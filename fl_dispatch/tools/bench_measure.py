@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -167,9 +168,12 @@ def _set_ratios(measurements: list[Measurement], copy_bps: float) -> None:
 
 def bench(registry: Registry, device: torch.device, dtype: str, dims: Dims,
           decode: Sequence[int], prefill: Sequence[int], ops: Sequence[str] | None = None,
-          repeats: int | None = None, progress: bool = True) -> BenchResult:
+          repeats: int | None = None, progress: bool = True,
+          time_limit_s: float | None = None) -> BenchResult:
     """Measure every available impl of ``ops`` (default: every op with an input generator) at
-    each decode and prefill size."""
+    each decode and prefill size. With ``time_limit_s``, no measurement starts after that
+    many seconds: the rest are recorded as skipped (the ranking and the policy then rest on
+    what was measured; the summary says so)."""
     repeats = repeats or (20 if device.type == "cpu" else 10)
     timer, timing = make_timer(device, repeats)
     result = BenchResult(device_info(device), dtype, asdict(dims), list(decode),
@@ -199,10 +203,17 @@ def bench(registry: Registry, device: torch.device, dtype: str, dims: Dims,
                 work += [(case, impl, phase, tokens) for impl in usable]
     l2 = result.device.get("l2_bytes") or 0
     bar = _progress(len(work), progress)
-    for case, impl, phase, tokens in work:
+    lines = (progress and bar is None) or bool(getattr(bar, "disable", False))
+    start = time.perf_counter()
+    for i, (case, impl, phase, tokens) in enumerate(work):
         if bar is not None:
             bar.set_postfix_str(f"{case.label} T={tokens} {impl.impl_id}", refresh=False)
-        if phase == "prefill" and interpreted(impl, device):
+        elapsed = time.perf_counter() - start
+        if time_limit_s is not None and i and elapsed > time_limit_s:
+            m = Measurement(case.op, case.label, phase, tokens, impl.impl_id, impl.kind,
+                            case.bytes_moved, status="skipped",
+                            note=f"not run: --time-limit-s {time_limit_s:g} reached")
+        elif phase == "prefill" and interpreted(impl, device):
             m = Measurement(case.op, case.label, phase, tokens, impl.impl_id, impl.kind,
                             case.bytes_moved, status="skipped",
                             note="skipped: Triton interpreter on CPU (too slow at prefill)")
@@ -213,6 +224,10 @@ def bench(registry: Registry, device: torch.device, dtype: str, dims: Dims,
         result.measurements.append(m)
         if bar is not None:
             bar.update()
+        if lines:  # no terminal (a log file on a remote GPU): one flushed line per run
+            timed = f"{m.us:.2f} us" if m.us else m.status
+            print(f"bench [{i + 1}/{len(work)}] {elapsed:6.1f} s  {case.label} T={tokens} "
+                  f"{impl.impl_id}: {timed}", file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
     first = {c: i for i, c in enumerate(dict.fromkeys(m.case for m in result.measurements))}

@@ -64,6 +64,11 @@ def ranking_lines(result: BenchResult) -> list[str]:
         lines.append(f"  {op:<18} left out (raised): {', '.join(ids)}")
     for op in result.no_input_generator:
         lines.append(f"  {op:<18} not timed: no input generator")
+    cut = [m for m in result.measurements if m.note.startswith("not run: --time-limit-s")]
+    if cut:
+        ops = ", ".join(dict.fromkeys(m.op for m in cut))
+        lines.append(f"  time limit reached: {len(cut)} of {len(result.measurements)} runs not "
+                     f"made ({ops}); the ranking of those ops rests on the sizes timed")
     return lines
 
 

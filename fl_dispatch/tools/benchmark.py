@@ -65,6 +65,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              f"{dims.experts} into groups of at least 2")
         if args.repeats is not None and args.repeats <= 0:
             raise ValueError(f"--repeats: {args.repeats} must be positive")
+        if args.time_limit_s is not None and args.time_limit_s <= 0:
+            raise ValueError(f"--time-limit-s: {args.time_limit_s:g} must be positive")
         if not decode and not prefill:
             raise ValueError("nothing to time: --decode and --prefill are both empty")
         loaded = load(split(args.op))
@@ -79,7 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         specs = registry.ops.values()
         ops = [s.name for s in specs if s.bench_cases] + [s.name for s in specs
                                                           if not s.bench_cases]
-    result = bench(registry, device, dtype, dims, decode, prefill, ops, args.repeats)
+    result = bench(registry, device, dtype, dims, decode, prefill, ops, args.repeats,
+                   time_limit_s=args.time_limit_s)
     print("\n".join(summary_lines(result)))
     print()
     print(format_table(result))
@@ -133,6 +136,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per measurement (default: 20 on CPU, within ~1 s; "
                         "10 graph replays on CUDA)")
+    p.add_argument("--time-limit-s", type=float, default=None, metavar="S",
+                   help="start no measurement after S seconds (scarce GPU time): the rest "
+                        "are reported as not run, and the ranking and --write-config rest on "
+                        "what was measured")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--png", metavar="FILE", help="write a chart (PNG)")
     p.add_argument("--write-config", metavar="FILE",
