@@ -131,15 +131,7 @@ def _deepseek_rotary_forward(self, positions: torch.Tensor, query: torch.Tensor,
     cache = self.cos_sin_cache
     if offsets is not None or key is None or not query.dtype == key.dtype == cache.dtype:
         return self._fl_dispatch_vllm_forward(positions, query, key, offsets)
-    if _is_compiling() and not TRACE["rotary_embedding"]:
-        return _rotate_copies(positions, query, key, self.head_size, cache, self.is_neox_style)
-    f = fast.rotary_embedding
-    args = (positions, query, key, self.head_size, cache, self.is_neox_style)
-    try:
-        f(*args)
-    except Exception as exc:
-        recover("rotary_embedding", f, exc, args)
-    return query, key
+    return _rotary_forward(self, positions, query, key)  # the base's cache-dtype match: a no-op
 
 
 def set_tracing(dispatcher) -> dict[str, bool]:
