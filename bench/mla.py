@@ -236,6 +236,11 @@ def vllm_triton_fn(fwd: Callable, inp: dict, scale: float, causal: bool) -> Call
     rows = b * s_q
     max_len = max(inp["lens"])
     splits = min(triton.next_power_of_2(max(1, max_len // 512)), 2 * _sms())
+    # its kernel indexes the fp32 logits workspace [rows, h_q, splits, DV + 1] with 32-bit
+    # offsets: keep it under 2**31 elements (at h_q 128, s_q 2, 80k-token rows, 256 splits
+    # made 4.3e9 and the run ended in an illegal memory access)
+    while splits > 1 and rows * h_q * splits * (DV + 1) >= 2**31:
+        splits //= 2
     o = torch.zeros(rows, h_q, DV, dtype=q.dtype, device=q.device)
     lse = torch.zeros(rows, h_q, dtype=q.dtype, device=q.device)
     logits = torch.empty(rows, h_q, splits, DV + 1, dtype=torch.float32, device=q.device)
