@@ -285,3 +285,32 @@ def test_compiled_rotary_on_qkv_views_copies_q_and_k_not_qkv():
     # flat spans of 192 * T - 64 and 192 * T - 32 elements (nearly all of qkv, twice)
     assert result["allocs"] == ["T, 192", "T, 128", "T, 32"], result["allocs"]
     assert not result["scatter"] and all(result["same"]), result
+
+
+def test_replacements_keep_vllms_custom_op_names():
+    """vLLM's register_oot overwrites a replacement's ``name`` with its registry key (the
+    class name); layers consult ``enabled()`` by that name (rotary's flashinfer choice), so a
+    user's ``custom_ops=["none", "+rotary_embedding"]`` must still reach our replacements."""
+    result, _ = run("""
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin
+    vllm_plugin.register()
+    from vllm.config import CompilationConfig
+    from vllm.model_executor.custom_op import op_registry_oot
+    names = {key: cls.name for key, cls in op_registry_oot.items()
+             if getattr(cls, "_fl_dispatch_layer", None) is not None}
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+    on = {}
+    for ops in (["none", "+rotary_embedding"], ["none", "-rotary_embedding"]):
+        config = VllmConfig(compilation_config=CompilationConfig(custom_ops=ops))
+        with set_current_vllm_config(config):
+            rope = get_rope(32, max_position=128, is_neox_style=True, rope_parameters=None,
+                            dtype=torch.float32)
+            on[ops[1]] = [type(rope).__name__, rope.enabled()]
+    emit(names=names, on=on)
+    """)
+    names = result["names"]
+    assert names["RotaryEmbedding"] == names["DeepseekScalingRotaryEmbedding"] == "rotary_embedding"
+    assert names["RMSNorm"] == "rms_norm" and names["SiluAndMul"] == "silu_and_mul"
+    assert names["UnquantizedFusedMoEMethod"] == "unquantized_fused_moe", names
+    assert result["on"] == {"+rotary_embedding": ["FlDispatchRotaryEmbedding", True],
+                            "-rotary_embedding": ["FlDispatchRotaryEmbedding", False]}

@@ -266,10 +266,21 @@ def register_layers(allows: Callable[[str], bool], strict: bool,
                                       f"{owner}", spec.name, strict)
                 report.skipped[key] = f"already replaced by {owner}"
                 continue
-            replacement = _make_replacement(target, spec)
-            target.register_oot(replacement, name=key)
+            register_oot(target, _make_replacement(target, spec))
             report.replaced.append(key)
     return report
+
+
+def register_oot(target: type, replacement: type) -> None:
+    """``target.register_oot(replacement)`` under the key vLLM looks up (the class name),
+    keeping the CustomOp name the replacement inherits: vLLM's register_oot overwrites
+    ``name`` with the key, and ``enabled()`` (which vLLM's layers consult in their
+    constructors, e.g. rotary's flashinfer choice) would then answer a user's
+    ``custom_ops=["+rotary_embedding"]`` as if it named another op."""
+    op_name = getattr(target, "name", None)
+    target.register_oot(replacement, name=target.__name__)
+    if op_name is not None:
+        replacement.name = op_name
 
 
 PROVIDER = "fl_dispatch"

@@ -293,7 +293,9 @@ def register_experts(strict: bool) -> list[str]:
         yield_to_other_plugin(f"vLLM layer {EXPERTS_CLASS} is already replaced out-of-tree by "
                               f"{current.__module__}.{current.__qualname__}", LAYER, strict)
         return []
-    base.register_oot(_make_experts_class(base), name=EXPERTS_CLASS)
+    from .layers import register_oot
+
+    register_oot(base, _make_experts_class(base))
     return [EXPERTS_CLASS]
 
 
