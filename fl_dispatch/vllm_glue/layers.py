@@ -83,7 +83,10 @@ def _rotate_copies(positions: torch.Tensor, query: torch.Tensor, key: torch.Tens
     each view's whole span of qkv and scatters the results back (on the CPU build's post-grad
     graph: two clones and two ``slice_scatter`` of qkv per layer, where stock's native form
     makes one pass). A fresh copy is re-inplaced: one extra pass over q and k, no scatter.
-    The callers use the returned tensors (vLLM's forward_native returns new ones too)."""
+    Where q and k are fresh already (Qwen3 normalises them first), Inductor drops the copy and
+    rotates them in place (both cases checked on generated code in
+    tests/test_vllm_integration.py). The callers use the returned tensors (vLLM's
+    forward_native returns new ones too)."""
     query = query.clone()
     key = key.clone() if key is not None else None
     torch.ops.fl_dispatch.rotary_embedding(positions, query, key, head_size, cache, is_neox)
