@@ -24,9 +24,10 @@ How it measures, and why:
   ``--max-tokens`` long, ``ignore_eos``, prefill of ``--prompt-len`` tokens each included); at
   batch 1 the time per output token, ``(t(N tokens) - t(1 token)) / (N - 1)``, which leaves the
   prefill out. Prefix caching is off (the rounds repeat prompts).
-- **Start-up.** Seconds from ``LLM(...)`` to ready in each child (weights, compile, CUDA
-  graphs); the compile cache is per configuration (the plugin mixes its selection into vLLM's
-  cache key), so runs after the first may hit it: the table says which were cold.
+- **Start-up.** Seconds from ``LLM(...)`` to ready in each child, and vLLM's own breakdown
+  from its log (weights, engine initialisation, the torch.compile part); the compile cache is
+  per configuration (the plugin mixes its selection into vLLM's cache key) and keyed by the
+  model's path, which is a fixed folder, so a second run on a warm machine starts from it.
 - **Agreement.** Every configuration generates the same greedy requests (``--check-prompts``
   x ``--check-tokens``) with the log-probability of each chosen token, and scores the same
   stock-generated sequences teacher-forced (``prompt_logprobs``), so each position has a value
@@ -34,6 +35,10 @@ How it measures, and why:
   ``enforce_eager``) is the noise floor: how far stock moves from itself between compiled and
   eager. Reported per configuration: requests whose tokens equal stock's, the first position
   where one differs, and the max/mean |logprob - stock's| over the teacher-forced positions.
+- **Ablations and depth.** ``--define 'NAME=VLLM_FL_...=... ...'`` adds a configuration
+  (e.g. flagos with one op's reference traced instead); ``--layers N`` keeps the layer shapes
+  with fewer layers, so that several engines of a large model fit one GPU for the agreement
+  check (throughput at full depth is the figure to quote).
 - **Every process.** The ``fl-dispatch rank=...`` lines in each child's log (one per vLLM
   process that loaded the plugin) are collected into the result: with ``--tp 2`` each worker
   must name its own rank.
