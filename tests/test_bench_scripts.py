@@ -133,3 +133,58 @@ def test_moe_layer_bench_cpu_smoke_matches_reference(tmp_path: Path) -> None:
         assert row["wall"] and row["whole"] > 0 and row["sum_flagos"] > 0
         assert row["met_flagos"] is None  # wall clock: no verdict on the target
     assert "NOT device time" in (tmp_path / "moe_layer.txt").read_text()
+
+
+def test_vllm_gpu_startup_detail_reads_vllms_own_lines(tmp_path: Path) -> None:
+    """The start-up breakdown comes from vLLM 0.25's log lines (the H200 runs' format); the
+    first match per log wins (TP workers log theirs after the engine's)."""
+    vg = _load("vllm_gpu")
+    log = tmp_path / "engine.log"
+    log.write_text(
+        "(EngineCore pid=1) INFO [model_runner.py:302] Model loading took 14.96 GiB and "
+        "1.905394 seconds\n(EngineCore pid=1) INFO [core.py:1] init engine (profile, create kv "
+        "cache, warmup model) took 42.79 s (compilation: 21.18 s)\n(Worker pid=2) INFO init "
+        "engine (profile, create kv cache, warmup model) took 50.00 s (compilation: 30.00 s)\n")
+    assert vg.startup_detail(log) == {"load_s": 1.905394, "init_s": 42.79, "compile_s": 21.18}
+    log.write_text("(EngineCore pid=1) INFO init engine (profile, create kv cache, warmup "
+                   "model) took 18.71 s\n")  # enforce_eager: nothing compiled
+    assert vg.startup_detail(log) == {"init_s": 18.71}
+    assert vg.startup_detail(tmp_path / "missing.log") == {}
+
+
+@pytest.mark.vllm
+def test_vllm_gpu_bench_keeps_what_it_measured_when_timeout_signals_twice(
+        tmp_path: Path) -> None:
+    """`timeout` sends SIGTERM to the script and then to its whole process group: on the H200
+    the second signal arrived while the results were being written and the rounds were lost.
+    Now the first ends the measuring, the second is ignored, and the JSON keeps the values
+    already printed."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, str(BENCH / "vllm_gpu.py"), "--tiny", "--configs", "stock",
+           "--batches", "1,2", "--rounds", "500", "--max-tokens", "3", "--check-prompts", "1",
+           "--check-tokens", "2", "--mem", "0.08", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("  stock bs2:"):  # a measurement, printed as it is taken
+            break
+    os.kill(proc.pid, signal.SIGTERM)
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("!! interrupted: writing what was measured"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)  # what `timeout` does next, here while writing
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(seen) + rest
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads((tmp_path / "vllm_gpu-llama3-8b-tiny.json").read_text())
+    assert "logged_counts" in result  # the last write, after the engines were stopped
+    assert result["errors"]["(run)"].startswith("interrupted")
+    assert result["timing"]["stock"]["2"]["n"] >= 1 and result["timing"]["stock"]["2"]["median"] > 0
