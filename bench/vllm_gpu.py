@@ -303,8 +303,7 @@ class Engine:
         return reply
 
     def tail(self, n: int = 30) -> str:
-        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        return "\n".join(lines[-n:])
+        return "\n".join(log_text(self.log).splitlines()[-n:])
 
     def close(self) -> None:
         """Ask the engine to quit; kill it if it has not within 15 s (an engine's shutdown can
@@ -358,28 +357,28 @@ def child_env(name: str, policy: str | None, site: Path | None = None,
     return env
 
 
+def log_text(log: Path) -> str:
+    """An engine's log ('' before it exists); vLLM's lines are not all UTF-8."""
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
 def process_lines(log: Path) -> list[str]:
     """The plugin's one-line-per-process selection lines in an engine's log."""
-    if not log.exists():
-        return []
     pat = re.compile(r"fl-dispatch (rank=\S+ pid=\d+ process=[^:]+?)( \(builds the model\))?:")
-    return sorted({m.group(1) + (m.group(2) or "") for m in
-                   pat.finditer(log.read_text(errors="replace"))})
+    return sorted({m.group(1) + (m.group(2) or "") for m in pat.finditer(log_text(log))})
 
 
 def logged_counts(log: Path) -> list[str]:
     """The per-process ``call counts (pid N): op=n, ...`` lines the plugin logs at exit with
     ``VLLM_FL_DISPATCH_DEBUG=1`` (eager calls: CUDA-graph replays run no Python)."""
-    if not log.exists():
-        return []
-    return re.findall(r"call counts \(pid \d+\): [^\n]*", log.read_text(errors="replace"))
+    return re.findall(r"call counts \(pid \d+\): [^\n]*", log_text(log))
 
 
 def startup_detail(log: Path) -> dict[str, float]:
     """vLLM's own start-up breakdown from an engine's log (seconds): weights, the engine's
     initialisation (profile, KV cache, warm-up, CUDA graphs) and the torch.compile part of it;
     first match per process (TP workers log theirs too)."""
-    text = log.read_text(errors="replace") if log.exists() else ""
+    text = log_text(log)
     found = {}
     for key, pat in (("load_s", r"Model loading took .*? and ([\d.]+) s"),
                      ("init_s", r"init engine \(profile, create kv cache, warmup model\) took "
@@ -647,8 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             e.close()
     # the exit lines exist once the engines have shut down: add them to the JSON
     result["logged_counts"] = {n: logged_counts(e.log) for n, e in engines.items()}
-    result["weights_redrawn"] = {n: len(re.findall(r"fl_bench_weights: redrew", e.log.read_text(
-        errors="replace"))) if e.log.exists() else 0 for n, e in engines.items()}
+    result["weights_redrawn"] = {n: log_text(e.log).count("fl_bench_weights: redrew")
+                                 for n, e in engines.items()}
     (out / f"vllm_gpu-{tag}.json").write_text(json.dumps(result, indent=1))
     return 0
 
