@@ -151,7 +151,7 @@ def test_per_op_variable():
     assert policy.op_backends.source == "env:VLLM_FL_PER_OP"
 
 
-def test_op_config_sits_between_per_op_and_the_platform_file(tmp_path, monkeypatch):
+def test_op_orders_layer_per_op_env_over_json_over_the_platform_file(tmp_path, monkeypatch):
     plat = write(tmp_path, "plat.yaml", """\
         op_backends:
           rms_norm: [reference]
@@ -163,18 +163,43 @@ def test_op_config_sits_between_per_op_and_the_platform_file(tmp_path, monkeypat
 
     only_file = resolve(VLLM_FL_PLATFORM="cuda")
     assert only_file.op_backends.source == f"platform:{plat}"
+    assert only_file.op_backends.source_of("rms_norm") == f"platform:{plat}"
     assert only_file.op_backends.value == {"rms_norm": ("reference",),
                                            "gelu_and_mul": ("reference",)}
 
+    # each op from the highest layer naming it: the JSON's rms_norm and silu_and_mul, the
+    # file's gelu_and_mul (kept: a per-op variable does not drop the file's other ops)
     with_json = resolve(VLLM_FL_PLATFORM="cuda", VLLM_FL_OP_CONFIG=str(op_config))
-    assert with_json.op_backends.source == f"op_config:{op_config}"
-    # the JSON replaces the file's map whole: gelu_and_mul is not kept from the file
-    assert with_json.op_backends.value == {"rms_norm": ("flagos",), "silu_and_mul": ("vendor",)}
+    assert with_json.op_backends.value == {"rms_norm": ("flagos",), "silu_and_mul": ("vendor",),
+                                           "gelu_and_mul": ("reference",)}
+    assert with_json.op_backends.source == f"op_config:{op_config} + platform:{plat}"
+    assert with_json.op_backends.source_of("rms_norm") == f"op_config:{op_config}"
+    assert with_json.op_backends.source_of("gelu_and_mul") == f"platform:{plat}"
 
     with_env = resolve(VLLM_FL_PLATFORM="cuda", VLLM_FL_OP_CONFIG=str(op_config),
                        VLLM_FL_PER_OP="rms_norm=vendor|reference")
-    assert with_env.op_backends.source == "env:VLLM_FL_PER_OP"
-    assert with_env.op_backends.value == {"rms_norm": ("vendor", "reference")}
+    assert with_env.op_backends.value == {"rms_norm": ("vendor", "reference"),
+                                          "silu_and_mul": ("vendor",),
+                                          "gelu_and_mul": ("reference",)}
+    assert with_env.op_backends.source == (f"env:VLLM_FL_PER_OP + op_config:{op_config} + "
+                                           f"platform:{plat}")
+    assert with_env.op_backends.source_of("rms_norm") == "env:VLLM_FL_PER_OP"
+    assert with_env.op_backends.source_of("silu_and_mul") == f"op_config:{op_config}"
+
+
+def test_a_per_op_variable_keeps_the_cuda_files_attention_rule():
+    """The trap this fixes (H200, 2026-11-30): ``VLLM_FL_PER_OP=rms_norm=reference`` replaced
+    the whole per-op map, so the shipped cuda.yaml's ``attention_backend: [reference]``
+    (vLLM's own selector) was dropped and flagos' TRITON_ATTN was chosen instead, silently
+    changing attention in a run meant to change one norm."""
+    policy = resolve(VLLM_FL_PLATFORM="cuda", VLLM_FL_PER_OP="rms_norm=reference")
+    assert policy.op_backends.value == {"rms_norm": ("reference",),
+                                        "attention_backend": ("reference",)}
+    assert policy.op_backends.source_of("attention_backend").startswith("platform:")
+    # naming the op in the variable still overrides the file's entry
+    forced = resolve(VLLM_FL_PLATFORM="cuda", VLLM_FL_PER_OP="attention_backend=flagos")
+    assert forced.op_backends.value == {"attention_backend": ("flagos",)}
+    assert forced.op_backends.source_of("attention_backend") == "env:VLLM_FL_PER_OP"
 
 
 def test_user_config_is_a_complete_override(tmp_path):

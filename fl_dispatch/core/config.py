@@ -40,10 +40,17 @@ _Collector = Collector
 @dataclass(frozen=True)
 class Setting(Generic[T]):
     """A resolved value and its source: ``user_config:PATH``, ``env:VAR``,
-    ``platform:FILE``, ``op_config:PATH`` or ``default``."""
+    ``platform:FILE``, ``op_config:PATH`` or ``default``. A map merged from several layers
+    (``op_backends``) names them all in ``source``, highest first, and each key's own layer
+    in ``parts``."""
 
     value: T
     source: str
+    parts: Mapping[str, str] | None = None
+
+    def source_of(self, key: str) -> str:
+        """The layer a key of a merged map came from (``source`` when not merged)."""
+        return (self.parts or {}).get(key, self.source)
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,36 @@ def _from_env(env: Mapping[str, str], name: str, out: Collector) -> Setting[Any]
     return None
 
 
+def _env_layers(env: Mapping[str, str], name: str, out: Collector) -> list[Setting[Any]]:
+    """Every set variable of setting ``name``, parsed, highest precedence first (an invalid
+    one is left out: its problem is collected)."""
+    layers = []
+    for var in BY_NAME[name].env:
+        raw = env.get(var.name, "").strip()
+        if raw:
+            before = len(out.problems)
+            value = var.parse(raw, var.where(raw), out)
+            if len(out.problems) == before:
+                layers.append(Setting(value, var.label(raw)))
+    return layers
+
+
+def merge_maps(layers: list[Setting[Any]]) -> Setting[Any]:
+    """Per-key layering of map settings (``op_backends``), highest precedence first: each key
+    takes its value from the highest layer that names it, so ``VLLM_FL_PER_OP=rms_norm=x``
+    changes rms_norm's order and leaves the platform file's other entries (its
+    ``attention_backend``) in force. One layer: that layer's setting unchanged."""
+    if len(layers) == 1:
+        return layers[0]
+    value: dict[str, Any] = {}
+    parts: dict[str, str] = {}
+    for layer in reversed(layers):
+        for key, item in layer.value.items():
+            value[key] = item
+            parts[key] = layer.source
+    return Setting(value, " + ".join(layer.source for layer in layers), parts)
+
+
 def resolve_policy(
     env: Mapping[str, str] | None = None,
     detect: Callable[[], str | None] = detect_platform,
@@ -222,6 +259,12 @@ def resolve_policy(
             plat_source = f"platform:{path}"
             plat_layer = load_yaml_policy(path, str(path), out)
         for key in YAML_KEYS:  # environment, else platform file, else default
+            if BY_NAME[key].per_key:  # per op: the highest layer naming the op
+                layers = _env_layers(env, key, out) + (
+                    [Setting(plat_layer[key], plat_source)] if key in plat_layer else [])
+                values[key] = merge_maps(layers) if layers else Setting(DEFAULTS[key],
+                                                                        "default")
+                continue
             values[key] = _from_env(env, key, out) or (
                 Setting(plat_layer[key], plat_source) if key in plat_layer
                 else Setting(DEFAULTS[key], "default"))
@@ -254,7 +297,7 @@ def validate_against_registry(
     problems: list[Problem] = []
     orders = policy.op_backends
     for op, tokens in orders.value.items():
-        where = f"{orders.source} op_backends.{op}"
+        where = f"{orders.source_of(op)} op_backends.{op}"
         if op not in ops:
             problems.append(Problem(where, f"no backend defines op {op!r}; "
                                     f"{suggestion(op, ops)}"))

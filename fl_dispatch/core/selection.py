@@ -92,7 +92,7 @@ def select_op(op: str, policy: Policy, registry: Registry,
     tokens = policy.op_backends.value.get(op)
     ranked: list[tuple[Impl, str | None]] = []
     if tokens is not None:
-        source = f"op_backends ({policy.op_backends.source})"
+        source = f"op_backends ({policy.op_backends.source_of(op)})"
         placed: set[str] = set()
         for token in tokens:
             for impl in by_priority:
@@ -100,7 +100,7 @@ def select_op(op: str, policy: Policy, registry: Registry,
                     placed.add(impl.impl_id)
                     ranked.append((impl, None))
         listed = "|".join(tokens)
-        ranked += [(i, f"not in the op's order {listed!r} ({policy.op_backends.source})")
+        ranked += [(i, f"not in the op's order {listed!r} ({policy.op_backends.source_of(op)})")
                    for i in by_priority if i.impl_id not in placed]
     else:
         prefer = policy.prefer.value

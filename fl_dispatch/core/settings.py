@@ -213,13 +213,16 @@ class EnvVar:
 class SettingDef:
     """One setting. ``yaml``: it is a key of policy files (then it is also a *policy* setting:
     ``VLLM_FL_CONFIG`` replaces it whole and its variables are ignored, with a warning);
-    ``env``: its variables, highest precedence first; ``default``; ``doc``: one line."""
+    ``env``: its variables, highest precedence first; ``default``; ``doc``: one line;
+    ``per_key``: a map layered key by key (each key from the highest layer naming it: its
+    variables, then the platform file) instead of replaced whole."""
 
     name: str
     default: Any
     doc: str
     yaml: Parser | None = None
     env: tuple[EnvVar, ...] = ()
+    per_key: bool = False
 
     @property
     def policy(self) -> bool:
@@ -241,8 +244,9 @@ SETTINGS: tuple[SettingDef, ...] = (
                yaml=parse_yaml_name_list, env=(EnvVar("VLLM_FL_ALLOW_VENDORS", parse_name_list),)),
     SettingDef("deny_vendors", (), "never these vendors (comma-separated)",
                yaml=parse_yaml_name_list, env=(EnvVar("VLLM_FL_DENY_VENDORS", parse_name_list),)),
-    SettingDef("op_backends", {}, "per-op order of tokens; only listed tokens are tried",
-               yaml=parse_order_map,
+    SettingDef("op_backends", {}, "per-op order of tokens; only listed tokens are tried; "
+               "layered per op (the variables' ops over the platform file's)",
+               yaml=parse_order_map, per_key=True,
                env=(EnvVar("VLLM_FL_PER_OP", parse_per_op),
                     EnvVar("VLLM_FL_OP_CONFIG", parse_op_config_file, source="op_config"))),
     SettingDef("flagos_blacklist", None, "dispatch ops and FlagGems aten ops flagos must not "
