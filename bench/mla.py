@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root (no network)::
 
-    python bench/mla.py [--sweep] [--sweep-all] [--out DIR] [--quick]
+    python bench/mla.py [--sweep] [--sweep-all] [--swap] [--out DIR] [--quick]
 
 Optional competitors, each guarded (a failure prints its reason and the run goes on):
 - vLLM's TRITON_MLA decode kernel: ``.gpu-mla/triton_decode_attention.py`` (vLLM's
@@ -27,7 +27,12 @@ d 576, dv 512, bf16, causal. Bytes = b * (s_q h_q d + mean_len d + s_q h_q dv) *
 Correctness first (FlashMLA tolerances, vs ``fl_dispatch/core/ops/mla.py``): small
 cases with empty rows, mid-block ends, shuffled tables, s_q = 2 causal and not; then each
 benchmark case spot-checked on its first rows. ``--sweep`` times launch configs (8k cases;
-``--sweep-all``: all) and prints ``MLA_CONFIGS`` entries for ``backends/flagos/mla.py``.
+``--sweep-all``: all) and prints ``MLA_CONFIGS`` entries for ``backends/flagos/mla.py``; for
+``s_q * h_q <= 64`` query rows it also times the swap-AB split kernel (``MLAConfig.swap``),
+each such config checked against the reference before it is timed, and prints the best plain
+and the best swap config side by side. ``--swap``: an ``ours_swap`` row next to ``ours`` (the
+heuristic's config with ``swap=True``), checked like ``ours`` first; with ``--swap`` or a sweep
+the correctness section runs the swap kernel too.
 """
 
 from __future__ import annotations
@@ -153,7 +158,9 @@ def check_ours(inp: dict, scale: float, causal: bool, rows: int | None = None,
             or check_close("lse", lse, want_lse, 1e-6, 8.01 / 65536, None))
 
 
-def correctness() -> list[dict]:
+def correctness(swap: bool = False) -> list[dict]:
+    """FlashMLA-tolerance checks of the heuristic's config and forced split counts; ``swap``:
+    each of them with the swap-AB kernel as well (and 32-position tiles)."""
     results = []
     cases = [
         ("zero/mid-block rows, s_q=1, h16", 1, 16, [0, 1, 63, 64, 65, 700, 4097, 0], True),
@@ -171,8 +178,8 @@ def correctness() -> list[dict]:
                 inp = make_inputs(len(lens), s_q, h_q, 0, lens=lens, shuffle=True, seed=1,
                                   dtype=dtype)
                 why = check_ours(inp, D ** -0.5, causal)
-                for cfg in _forced_splits(len(lens), s_q * h_q):
-                    why = why or check_ours(inp, 0.1, causal, config=cfg)
+                for cfg in _forced_splits(len(lens), s_q * h_q, swap):
+                    why = why or _tag(cfg, check_ours(inp, 0.1, causal, config=cfg))
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
             print(f"  correctness {label:40s} {'ok' if why is None else 'FAIL: ' + why}")
@@ -180,9 +187,31 @@ def correctness() -> list[dict]:
     return results
 
 
-def _forced_splits(b: int, rows: int):
+def _forced_splits(b: int, rows: int, swap: bool = False):
     base = mla.mla_config(b, rows, 1 << 14, PAGE, D, DV, 2, _sms())
-    return [base._replace(num_splits=s) for s in (1, 3, 16)]
+    cfgs = [base._replace(num_splits=s) for s in (1, 3, 16)]
+    if swap:
+        cfgs += [c._replace(swap=True) for c in cfgs]
+        cfgs += [base._replace(block_n=32, num_splits=s, swap=True) for s in (1, 3)]
+    return cfgs
+
+
+def _tag(cfg, why: str | None) -> str | None:
+    return None if why is None else f"{_config_src(cfg)}: {why}"
+
+
+def _config_src(cfg) -> str:
+    """``MLAConfig(...)`` as it goes into ``MLA_CONFIGS`` (``swap`` only when set)."""
+    cfg = mla.MLAConfig(*cfg)
+    head = ", ".join(str(v) for v in cfg[:5])
+    return f"MLAConfig({head}, swap=True)" if cfg.swap else f"MLAConfig({head})"
+
+
+def swap_config(inp: dict):
+    """The heuristic's launch config for this case with the swap-AB kernel."""
+    b, s_q, h_q, _ = inp["q"].shape
+    cap = inp["table"].shape[1] * PAGE
+    return mla.mla_config(b, s_q * h_q, cap, PAGE, D, DV, 2, _sms())._replace(swap=True)
 
 
 # ----------------------------------------------------------------------------- competitors
@@ -331,7 +360,10 @@ def metrics(inp: dict, ms: float) -> dict[str, float]:
     return {"us": ms * 1e3, "TBps": nbytes / s / 1e12, "TFLOPs": flop / s / 1e12}
 
 
-def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict]]:
+def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict], dict]:
+    """Best config of the plain split kernel and, for <= 64 query rows, of the swap-AB one
+    (each: tiles, warps, stages at the heuristic's split count, then split counts around the
+    best); returns ``(best overall, tried, {"plain": (cfg, us), "swap": (cfg, us)})``."""
     b, s_q, h_q, _ = inp["q"].shape
     rows = s_q * h_q
     cap = inp["table"].shape[1] * PAGE
@@ -343,6 +375,11 @@ def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict]]:
         fn = lambda: mla.flash_mla(inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV,
                                    scale, causal, config=cfg)
         try:
+            if cfg.swap:  # the new kernel: checked before it is timed
+                why = check_ours(inp, scale, causal, rows=4, config=cfg)
+                torch.cuda.synchronize()
+                if why is not None:
+                    raise AssertionError(f"vs reference: {why}")
             ms = bench(fn, rep=20)
         except Exception as exc:
             tried.append({"config": list(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -350,25 +387,36 @@ def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict]]:
         tried.append({"config": list(cfg), "us": ms * 1e3})
         return ms
 
-    best, best_ms = base, run(base)
-    for bh in block_hs:
-        for bn in (32, 64):
-            for warps in (4, 8):
-                for stages in (1, 2, 3):
-                    cfg = mla.MLAConfig(bh, bn, warps, stages, base.num_splits)
-                    if cfg == base:
-                        continue
-                    ms = run(cfg)
-                    if ms < best_ms:
-                        best, best_ms = cfg, ms
-    for splits in sorted({max(1, best.num_splits // 4), max(1, best.num_splits // 2),
-                          best.num_splits * 2, best.num_splits * 4}):
-        cfg = best._replace(num_splits=splits)
-        if cfg != best:
-            ms = run(cfg)
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-    return best, tried
+    def search(start, cfgs) -> tuple[Any, float]:
+        best, best_ms = start, run(start)
+        for cfg in cfgs:
+            if cfg != start:
+                ms = run(cfg)
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+        for splits in sorted({max(1, best.num_splits // 4), max(1, best.num_splits // 2),
+                              best.num_splits * 2, best.num_splits * 4}):
+            cfg = best._replace(num_splits=splits)
+            if cfg != best:
+                ms = run(cfg)
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+        return best, best_ms
+
+    found = {"plain": search(base, [
+        mla.MLAConfig(bh, bn, warps, stages, base.num_splits)
+        for bh in block_hs for bn in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)])}
+    if rows <= 64:
+        # swap-AB: the query rows are the dots' N (16..64); the KV tile's positions are M of
+        # the score product (wgmma: 64 per warpgroup), tiles no longer than a page
+        bh = max(16, triton.next_power_of_2(rows))
+        tiles = [bn for bn in (32, 64, 128) if bn <= PAGE]
+        start = base._replace(block_h=bh, swap=True)
+        found["swap"] = search(start, [
+            mla.MLAConfig(bh, bn, warps, stages, base.num_splits, True)
+            for bn in tiles for warps in (4, 8) for stages in (1, 2, 3)])
+    best, _ = min(found.values(), key=lambda f: f[1])
+    return best, tried, {k: (cfg, ms * 1e3) for k, (cfg, ms) in found.items()}
 
 
 def main() -> int:
@@ -376,6 +424,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs (8k cases)")
     ap.add_argument("--sweep-all", action="store_true", help="sweep every case")
     ap.add_argument("--quick", action="store_true", help="4k and 8k only")
+    ap.add_argument("--swap", action="store_true",
+                    help="also time the swap-AB split kernel (row ours_swap)")
     ap.add_argument("--out", default=None, help="directory for mla.json")
     args = ap.parse_args()
     t0 = time.time()
@@ -385,7 +435,7 @@ def main() -> int:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "cases": []}
 
     print("correctness (FlashMLA tolerances vs the fp32 reference):")
-    report["correctness"] = correctness()
+    report["correctness"] = correctness(swap=args.swap or args.sweep or args.sweep_all)
 
     vllm_fwd, why = load_vllm_triton()
     print(f"vLLM TRITON_MLA: {why}")
@@ -425,17 +475,36 @@ def main() -> int:
                 fns: dict[str, Callable] = {}
                 fns["ours"] = lambda inp=inp: mla.flash_mla(
                     inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale, causal)
+                if args.swap:
+                    cfg = swap_config(inp)
+                    try:
+                        why_swap = check_ours(inp, scale, causal, rows=4, config=cfg)
+                        torch.cuda.synchronize()
+                    except Exception as exc:
+                        why_swap = f"{type(exc).__name__}: {exc}"
+                    case["spot_check_swap"] = why_swap or "ok"
+                    if why_swap is None:
+                        fns["ours_swap"] = lambda inp=inp, cfg=cfg: mla.flash_mla(
+                            inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale,
+                            causal, config=cfg)
+                    else:
+                        case["impls"]["ours_swap"] = {"error": f"spot check: {why_swap}"[:300]}
                 do_sweep = args.sweep_all or (args.sweep and mean_len == 8192)
                 if do_sweep:
                     try:
-                        best, tried = sweep_case(inp, scale, causal)
-                        case["sweep"] = {"best": list(best), "tried": tried}
+                        best, tried, found = sweep_case(inp, scale, causal)
+                        case["sweep"] = {"best": list(best), "tried": tried,
+                                         **{f"best_{k}": {"config": list(c), "us": us}
+                                            for k, (c, us) in found.items()}}
                         b, rows = 128, s_q * h_q
                         cap = inp["table"].shape[1] * PAGE
                         key = (2, triton.next_power_of_2(rows), triton.next_power_of_2(cap),
                                triton.next_power_of_2(b))
+                        side = "; ".join(f"{k} {_config_src(c)} {us:.1f} us"
+                                         for k, (c, us) in found.items())
+                        print(f"  sweep {label}: {side}")
                         print(f"  sweep {label}: best {best}  ->  MLA_CONFIGS[{key}] = "
-                              f"MLAConfig{tuple(best)}")
+                              f"{_config_src(best)}")
                         fns["ours_swept"] = lambda inp=inp, best=best: mla.flash_mla(
                             inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale,
                             causal, config=best)
@@ -477,7 +546,8 @@ def _print_case(label: str, case: dict) -> None:
     timed = {k: v for k, v in impls.items() if "us" in v}
     others = [v["us"] for k, v in timed.items() if not k.startswith("ours")]
     fm = timed.get("flashmla", {}).get("us")
-    print(f"{label}  (spot check vs reference, first rows: {case.get('spot_check')})")
+    swap = f", swap kernel: {case['spot_check_swap']}" if "spot_check_swap" in case else ""
+    print(f"{label}  (spot check vs reference, first rows: {case.get('spot_check')}{swap})")
     for name, v in impls.items():
         if "us" not in v:
             print(f"  {'':26s} {name:14s} {v.get('error')}")

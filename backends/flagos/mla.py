@@ -51,6 +51,7 @@ class MLAConfig(NamedTuple):
     num_warps: int
     num_stages: int
     num_splits: int   # KV splits per row (1: no combine kernel)
+    swap: bool = False  # swap-AB split kernel: positions/channels as the dots' M (few rows)
 
 
 @functools.lru_cache(maxsize=8)
@@ -82,8 +83,9 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
     """
     key = (dtype_bytes, pow2(rows), pow2(max(capacity, 1)), pow2(batch))
     hit = MLA_CONFIGS.get(key)
+    swap = False  # the swap-AB kernel only from the table until measured (bench --sweep)
     if hit is not None:
-        block_h, block_n, warps, stages, splits = hit
+        block_h, block_n, warps, stages, splits, swap = MLAConfig(*hit)
     else:
         # H200 sweep (2026-11-30, B=128, 8k varlen; docs/performance.md): 4 warps for the
         # memory-bound shapes, 64-position tiles everywhere, about 8 waves of splits when
@@ -104,7 +106,7 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
         if splits > most:
             splits //= 2
     block_n = max(16, min(block_n, pow2(page)))
-    return MLAConfig(block_h, block_n, warps, stages, max(1, splits))
+    return MLAConfig(block_h, block_n, warps, stages, max(1, splits), swap)
 
 
 def _bad(name: str, value: Any, valid: str) -> ValueError:
@@ -142,8 +144,9 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
               causal: bool = True, max_seqlen_k: int | None = None,
               config: MLAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention; see the module docstring. ``config`` overrides the launch
-    configuration (for sweeps); ``max_seqlen_k`` is an optional static bound checked against
-    the table's capacity."""
+    configuration (for sweeps; an ``MLAConfig`` or a plain tuple of its first five fields or
+    all six); ``max_seqlen_k`` is an optional static bound checked against the table's
+    capacity."""
     check_args("flash_mla", q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                causal)
     check_inputs(q, kv_cache, block_table, cache_seqlens, head_dim_v, max_seqlen_k)
@@ -159,7 +162,9 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
     dev = q.get_device()
     if config is None:
         config = mla_config(b, rows, capacity, page, d, dv, q.element_size(), _num_sms(dev))
-    block_h, block_n, warps, stages, splits = config
+    if not isinstance(config, MLAConfig):  # a plain 5- or 6-tuple
+        config = MLAConfig(*config)
+    block_h, block_n, warps, stages, splits, swap = config
     block_n = max(16, min(block_n, pow2(page)))
     tile_in_page = page % block_n == 0
     block_dv = max(16, pow2(dv))
@@ -182,7 +187,7 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
             q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1),
             block_table.stride(0), *o_strides, *l_strides)
     consts = (d, dv, block_dv, block_dr, page, block_h, block_n, tile_in_page, direct, prec,
-              dot_f32)
+              dot_f32, bool(swap))
     tensors = (q, kv_cache, block_table, cache_seqlens, o_buf, l_buf)
     key = ("split", q.dtype, *(t.data_ptr() & 15 for t in tensors), ints, consts, warps,
            stages, dev)
