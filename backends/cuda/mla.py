@@ -33,6 +33,7 @@ import torch
 
 from fl_dispatch import ImplTable, checked, reference
 
+from .device import device_capability
 from .ops import load_extension
 
 LIBRARY_ENV = "FL_DISPATCH_FLASHMLA_C"
@@ -53,7 +54,7 @@ def device_reason() -> str | None:
     """None on a Hopper (SM90) CUDA device, else why not."""
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = device_capability()  # NVML: vLLM's front end must not initialise CUDA
     if major != 9:
         return f"FlashMLA dense decode needs Hopper (SM90a); this device is SM{major}{minor}"
     return None
