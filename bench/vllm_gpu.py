@@ -374,12 +374,18 @@ def logged_counts(log: Path) -> list[str]:
     return re.findall(r"call counts \(pid \d+\): [^\n]*", log_text(log))
 
 
+SPAWN_FORCED = "We must use the `spawn` multiprocessing start method"
+"""vLLM's warning when something initialised CUDA in its front end: the engine process is then
+spawned (torch and vLLM imported again, ~18 s on the H200) instead of forked."""
+
+
 def startup_detail(log: Path) -> dict[str, float]:
     """vLLM's own start-up breakdown from an engine's log (seconds): weights, the engine's
     initialisation (profile, KV cache, warm-up, CUDA graphs) and the torch.compile part of it;
-    first match per process (TP workers log theirs too)."""
+    first match per process (TP workers log theirs too); ``spawned`` 1.0 when vLLM had to spawn
+    its engine because CUDA was initialised in the front end (``SPAWN_FORCED``)."""
     text = log_text(log)
-    found = {}
+    found = {"spawned": 1.0} if SPAWN_FORCED in text else {}
     for key, pat in (("load_s", r"Model loading took .*? and ([\d.]+) s"),
                      ("init_s", r"init engine \(profile, create kv cache, warmup model\) took "
                                 r"([\d.]+) s"),
@@ -689,12 +695,14 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"\n**{name} failed**: {err}")
     lines += ["", "Start-up, in the order started (s; from vLLM's log: weights, engine "
               "initialisation (profile, KV cache, warm-up, CUDA graphs) and the torch.compile "
-              "part of it):", "", "| config | total | weights | engine init | compile |",
-              "|---|---|---|---|---|"]
+              "part of it; spawned: vLLM spawned the engine because CUDA was initialised in its "
+              "front end):", "", "| config | total | weights | engine init | compile | spawned |",
+              "|---|---|---|---|---|---|"]
     for name, total in r["startup_s"].items():
         d = r.get("startup_detail", {}).get(name, {})
         lines.append(f"| {name} | {total:.1f} | " + " | ".join(
-            f"{d[k]:.1f}" if k in d else "-" for k in ("load_s", "init_s", "compile_s")) + " |")
+            f"{d[k]:.1f}" if k in d else "-" for k in ("load_s", "init_s", "compile_s"))
+            + f" | {'yes' if d.get('spawned') else 'no'} |")
     lines += ["", "Agreement with stock (greedy decode; teacher-forced |Δ logprob| on stock's "
               "generated tokens):", "",
               "| config | requests equal | first differing position | decode max | "

@@ -150,6 +150,12 @@ def test_vllm_gpu_startup_detail_reads_vllms_own_lines(tmp_path: Path) -> None:
                    "model) took 18.71 s\n")  # enforce_eager: nothing compiled
     assert vg.startup_detail(log) == {"init_s": 18.71}
     assert vg.startup_detail(tmp_path / "missing.log") == {}
+    # vLLM 0.25's warning when the front end initialised CUDA (every plugin-on engine on the
+    # H200 before the NVML fix): the engine was spawned, not forked
+    log.write_text("WARNING 11-30 20:56:31 [system_utils.py:157] We must use the `spawn` "
+                   "multiprocessing start method. Overriding VLLM_WORKER_MULTIPROC_METHOD to "
+                   "'spawn'. See https://docs.vllm.ai/... Reasons: CUDA is initialized\n")
+    assert vg.startup_detail(log) == {"spawned": 1.0}
 
 
 @pytest.mark.vllm
