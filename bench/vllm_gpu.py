@@ -357,6 +357,23 @@ def child_env(name: str, policy: str | None, site: Path | None = None,
     return env
 
 
+def check_configs(envs: dict[str, dict[str, str]]) -> None:
+    """``fl-dispatch check`` in each plugin-on configuration's environment, before any engine
+    starts (a start costs a minute on the GPU): a bad ``--define`` value or policy file stops
+    the run at once with the problems named (an H200 run lost two engines that way)."""
+    bad = []
+    for name, env in envs.items():
+        if env.get("VLLM_FL_PREFER_ENABLED") == "0":
+            continue
+        proc = subprocess.run([sys.executable, "-m", "fl_dispatch", "check"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            bad.append(f"{name}: {(proc.stdout + proc.stderr).strip()}")
+    if bad:
+        raise SystemExit("configurations with an invalid fl-dispatch set-up (nothing "
+                         "started):\n" + "\n".join(bad))
+
+
 def log_text(log: Path) -> str:
     """An engine's log ('' before it exists); vLLM's lines are not all UTF-8."""
     return log.read_text(errors="replace") if log.exists() else ""
@@ -504,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="'NAME=VAR=VALUE [VAR=VALUE ...]'",
                    help="an extra configuration, usable in --configs: NAME and the fl-dispatch "
                         "variables it sets, e.g. 'flagos-normref=VLLM_FL_PREFER=flagos "
-                        "VLLM_FL_PER_OP=rms_norm=reference;fused_add_rms_norm=reference' "
+                        "VLLM_FL_PER_OP=rms_norm=reference;silu_and_mul=reference' "
                         "(repeatable)")
     p.add_argument("--layers", type=int, default=0,
                    help="override the model's layer count (same layer shapes, fewer of them: "
@@ -575,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     capture = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | set(batches))
     capture = [c for c in capture if c <= max(batches + [args.check_prompts])]
 
+    check_configs({n: child_env(n, args.policy, site, args.weights, args.count_calls)
+                   for n in names})
     signal.signal(signal.SIGTERM, _interrupt)  # `timeout` ends the run: keep what it has
     t_start = time.perf_counter()
     engines: dict[str, Engine] = {}

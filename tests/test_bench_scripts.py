@@ -7,6 +7,7 @@ raised and the host-time table was never printed."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -133,6 +134,28 @@ def test_moe_layer_bench_cpu_smoke_matches_reference(tmp_path: Path) -> None:
         assert row["wall"] and row["whole"] > 0 and row["sum_flagos"] > 0
         assert row["met_flagos"] is None  # wall clock: no verdict on the target
     assert "NOT device time" in (tmp_path / "moe_layer.txt").read_text()
+
+
+def test_vllm_gpu_checks_every_configuration_before_starting_engines(tmp_path: Path) -> None:
+    """The H200 run's mistakes, caught before any engine starts: an op that does not exist
+    in a --define (``fused_add_rms_norm`` is rms_norm with a residual) and a policy file that
+    was never written. Stock (plugin off) is not checked; a valid --define passes."""
+    vg = _load("vllm_gpu")
+    name, env = vg.define_config("normref=VLLM_FL_PREFER=flagos "
+                                 "VLLM_FL_PER_OP=rms_norm=reference;fused_add_rms_norm=reference")
+    good_name, good_env = vg.define_config("actref=VLLM_FL_PREFER=flagos "
+                                           "VLLM_FL_PER_OP=silu_and_mul=reference")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_FL_")}
+    envs = {"stock": {**base, "VLLM_FL_PREFER_ENABLED": "0", "VLLM_FL_PER_OP": "nonsense"},
+            name: {**base, **env}, good_name: {**base, **good_env},
+            "policy": {**base, "VLLM_FL_CONFIG": str(tmp_path / "never-written.yaml")}}
+    with pytest.raises(SystemExit) as exc:
+        vg.check_configs(envs)
+    text = str(exc.value)
+    assert "normref:" in text and "fused_add_rms_norm" in text
+    assert "policy:" in text and "never-written.yaml" in text
+    assert "stock:" not in text and "actref:" not in text
+    vg.check_configs({good_name: {**base, **good_env}})  # no problem: returns
 
 
 def test_vllm_gpu_startup_detail_reads_vllms_own_lines(tmp_path: Path) -> None:
