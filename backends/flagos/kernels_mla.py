@@ -36,7 +36,9 @@ warpgroup) to be a wgmma, and since wgmma reads the tile from shared memory a pi
 per column (query row); ``m_i``/``l_i`` stay ``[BLOCK_H]`` vectors; the epilogue writes
 ``(acc^T / l)^T``. Masks, lse, zero-length rows, splits and the workspace layout are those of
 the plain kernel: only which axis holds the query rows changes (``AX_R``; positions and
-channels lie along ``AX_N``).
+channels lie along ``AX_N``). Measured on an H200 with Triton 3.6 (2026-11-30,
+``docs/performance.md``): slower than the plain kernel in every case (0.78-0.83x at h_q 16,
+0.57x at 128), so the heuristic never picks it; ``bench/mla.py --sweep`` still tries it.
 """
 
 from __future__ import annotations
