@@ -125,10 +125,17 @@ def test_each_process_logs_its_selection(model, tmp_path_factory):
     on = generate("reference-True", model, tmp_path_factory, VLLM_FL_PREFER="reference",
                   VLLM_FL_PLUGIN_MODULES="perturb_backend")
     lines = selection_lines(on)
-    processes = {re.search(r"process=(\S+):", line).group(1) for line in lines}
+    processes = {re.search(r"process=([^\s:]+)", line).group(1) for line in lines}
     assert {"MainProcess", "EngineCore", "VllmWorker-0"} <= processes
     worker = next(line for line in lines if "VllmWorker-0" in line)
     assert "rank=0" in worker and "rms_norm->reference.torch" in worker
+    # the backends' per-process set-up runs where the model is built, not in the front end
+    front = next(line for line in lines if "process=MainProcess" in line)
+    assert front.endswith("| backend set-up: when this process builds the model"), front
+    built = [line for line in lines if "(builds the model)" in line]
+    assert [re.search(r"process=([^\s:]+)", line).group(1) for line in built] == [
+        "VllmWorker-0"], lines
+    assert "| flagos: FlagGems" in built[0], built[0]
 
 
 def test_tensor_parallel_workers_each_log_their_selection(model, tmp_path_factory):
@@ -137,10 +144,15 @@ def test_tensor_parallel_workers_each_log_their_selection(model, tmp_path_factor
                       VLLM_FL_PLUGIN_MODULES="perturb_backend")
     assert tp["tokens"] == single["tokens"]
     workers = [line for line in selection_lines(tp) if "VllmWorker" in line]
-    ranks = sorted(re.search(r"rank=(\d+)", line).group(1) for line in workers)
+    # each worker: its selection at plugin load, then its backends' set-up as it builds the
+    # model (one line each)
+    built = [line for line in workers if "(builds the model)" in line]
+    ranks = sorted(re.search(r"rank=(\d+)", line).group(1) for line in built)
     assert ranks == ["0", "1"]
-    pids = {re.search(r"pid=(\d+)", line).group(1) for line in workers}
+    pids = {re.search(r"pid=(\d+)", line).group(1) for line in built}
     assert len(pids) == 2
+    assert sorted(re.search(r"rank=(\d+)", line).group(1) for line in workers) == [
+        "0", "0", "1", "1"]
     assert len(tp["selection"]) == 2 and all(deltas(tp, w)["rms_norm"] > 0 for w in (0, 1))
 
 

@@ -1,15 +1,18 @@
 """FlagGems: its aten-level registration and its fused kernels as extra flagos impls.
 
 ``flag_gems`` is a GPU-only dependency: importing it fails without a GPU, and its kernels do not
-run under ``TRITON_INTERPRET``. It is imported here only when asked (a capability check, the
-per-process hook), never when our package is imported; the import error is kept as the reason.
+run under ``TRITON_INTERPRET``. It is imported here only when needed (a call, the per-process
+hook, a capability check where CUDA is not pristine), never when our package is imported; the
+import error is kept as the reason.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +43,27 @@ def _import() -> tuple[Any, str | None]:
 
 
 def flaggems_unavailable_reason() -> str | None:
-    """None when ``flag_gems`` imports here, else why it does not (imports it once)."""
+    """None when ``flag_gems`` can serve here, else why not.
+
+    Importing ``flag_gems`` queries the GPU (its NVIDIA heuristics read the device's
+    properties at import), which initialises CUDA: in vLLM's front end that makes vLLM spawn
+    its engine instead of forking it (18 s on an H200). So where CUDA is available but not yet
+    initialised in this process and FlagGems is not imported yet, the check only looks for the
+    installed package and the import waits for the first call (should it fail there, the impl
+    is demoted with the error, logged once). Elsewhere (no GPU, or CUDA already up) it imports
+    FlagGems once and its error is the reason."""
+    if "flag_gems" not in sys.modules and _cuda_untouched():
+        if importlib.util.find_spec("flag_gems") is None:
+            return "flag_gems is not installed"
+        return None
     return _import()[1]
+
+
+def _cuda_untouched() -> bool:
+    """CUDA is there, and nothing in this process has initialised it yet."""
+    import torch
+
+    return torch.cuda.is_available() and not torch.cuda.is_initialized()
 
 
 def _flag_gems() -> Any:

@@ -61,5 +61,8 @@ def fl_dispatch_register_impls(registrar: Registrar) -> None:
 
 @hookspec
 def fl_dispatch_process_init(policy: Policy) -> str | None:
-    """Per-process set-up, run once in each vLLM process after the selection is made
-    (FlagGems' aten registration, say). Return one line describing the state, or None."""
+    """Per-process set-up (FlagGems' aten registration, say), run once in each vLLM process
+    that builds the model: when its first replaced layer is built (the device is up), or at
+    plugin load where fl-dispatch replaces no layer. vLLM's front end builds no model and does
+    not run it, so it may initialise the device (which there would make vLLM spawn, not fork,
+    its engine). Return one line describing the state, or None."""

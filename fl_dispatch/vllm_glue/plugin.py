@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 from fl_dispatch.core.config import env_flag
@@ -140,21 +141,48 @@ def _set_up_process(dispatcher: Any) -> None:
     register_ir_providers(policy.oot_allows)
     _patch_compile_hash()
     _patch_attention_backend()
-    selection = dispatcher.selection_line()
-    init_lines = dispatcher.plugins.process_init(policy)
-    extras = "; ".join(f"{name}: {line}" for name, line in init_lines.items())
-    summary = f"{selection} | layers: {','.join(report.replaced) or 'none'}" + (
-        f" | {extras}" if extras else "")
-    _state["summary"] = summary
+    summary = f"{dispatcher.selection_line()} | layers: {','.join(report.replaced) or 'none'}"
     _state["ranked"] = process_rank() is not None
-    log.info("fl-dispatch %s: %s", process_identity(), summary)
+    if report.replaced:
+        # The backends' per-process set-up (FlagGems' aten registration, whose import queries
+        # the GPU) waits until this process builds the model (the replaced layers announce
+        # it): vLLM's front end builds none, and CUDA initialised there makes vLLM spawn its
+        # engine instead of forking it (18 s on an H200). Without replaced layers: now.
+        _state["summary"] = summary
+        _state["init_pending"] = (os.getpid(), dispatcher)
+        log.info("fl-dispatch %s: %s | backend set-up: when this process builds the model",
+                 process_identity(), summary)
+        return
+    _state["summary"] = summary + _backend_set_up(dispatcher)
+    log.info("fl-dispatch %s: %s", process_identity(), _state["summary"])
+
+
+def _backend_set_up(dispatcher: Any) -> str:
+    """Every backend's ``fl_dispatch_process_init``; their lines, for the selection line."""
+    lines = dispatcher.plugins.process_init(dispatcher.policy)
+    extras = "; ".join(f"{name}: {line}" for name, line in lines.items())
+    return f" | {extras}" if extras else ""
 
 
 def announce_model_process() -> None:
-    """Called when a replaced layer is built (the model is being built in this process):
-    when the start-up line could not name a rank (vLLM 0.25's ``EngineCore`` with one GPU
-    builds the model in-process, before anything sets ``RANK``), log the line again, once,
-    now that ``torch.distributed`` knows it. Costs a dict lookup afterwards."""
+    """Called when a replaced layer is built (the model is being built in this process): run
+    the backends' per-process set-up deferred by ``_set_up_process`` and log the line with its
+    result, once; or, when the start-up line could not name a rank (vLLM 0.25's
+    ``EngineCore`` with one GPU builds the model in-process, before anything sets ``RANK``),
+    log the line again, once, now that ``torch.distributed`` knows it. Costs two dict lookups
+    afterwards."""
+    pending = _state.get("init_pending")
+    if pending is not None:
+        from fl_dispatch.core.dispatch import get_dispatcher
+
+        get_dispatcher()  # in a forked child: creates its own, whose set-up re-arms the pending
+        pending = _state.pop("init_pending", None)
+        if pending is not None and pending[0] == os.getpid():  # not a parent's, inherited
+            _state["summary"] = _state.get("summary", "") + _backend_set_up(pending[1])
+            _state["ranked"] = True
+            log.info("fl-dispatch %s (builds the model): %s", process_identity(),
+                     _state["summary"])
+            return
     if _state.get("ranked", True):
         return
     _state["ranked"] = True
