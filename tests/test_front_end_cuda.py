@@ -117,13 +117,19 @@ def flag_gems_on_path(tmp_path, monkeypatch):
     flaggems._import.cache_clear()
 
 
+def fake_gpu(monkeypatch, initialised: bool) -> list[int]:
+    """CUDA available, initialised or not; the list records every ``_lazy_init`` call."""
+    inits: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: inits.append(1))
+    return inits
+
+
 def test_flaggems_check_finds_the_package_without_importing_it(flag_gems_on_path, monkeypatch):
     from fl_dispatch_flagos import flaggems
 
-    inits = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: inits.append(1))
+    inits = fake_gpu(monkeypatch, initialised=False)
     assert flaggems.flaggems_unavailable_reason() is None
     assert "flag_gems" not in sys.modules and inits == []
     # not installed: said without importing anything either
@@ -135,10 +141,7 @@ def test_flaggems_check_finds_the_package_without_importing_it(flag_gems_on_path
 def test_flaggems_check_imports_where_cuda_is_already_up(flag_gems_on_path, monkeypatch):
     from fl_dispatch_flagos import flaggems
 
-    inits = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: inits.append(1))
+    inits = fake_gpu(monkeypatch, initialised=True)
     assert flaggems.flaggems_unavailable_reason() is None
     assert "flag_gems" in sys.modules and inits == [1]  # imported (the model process)
 

@@ -174,18 +174,21 @@ def detect_platform() -> str | None:
 
 
 # --------------------------------------------------------------------------- resolution
+def _parse_var(var: Any, raw: str, out: Collector) -> Setting[Any] | None:
+    """The set value ``raw`` of variable ``var``, parsed; None when it is invalid (the problem
+    is collected)."""
+    before = len(out.problems)
+    value = var.parse(raw, var.where(raw), out)
+    return Setting(value, var.label(raw)) if len(out.problems) == before else None
+
+
 def _from_env(env: Mapping[str, str], name: str, out: Collector) -> Setting[Any] | None:
     """The value of setting ``name`` from its variables (highest precedence first), or None
     when none is set (or the set one is invalid: the problem is collected)."""
     for var in BY_NAME[name].env:
         raw = env.get(var.name, "").strip()
-        if not raw:
-            continue
-        before = len(out.problems)
-        value = var.parse(raw, var.where(raw), out)
-        if len(out.problems) == before:
-            return Setting(value, var.label(raw))
-        return None
+        if raw:
+            return _parse_var(var, raw, out)
     return None
 
 
@@ -195,11 +198,9 @@ def _env_layers(env: Mapping[str, str], name: str, out: Collector) -> list[Setti
     layers = []
     for var in BY_NAME[name].env:
         raw = env.get(var.name, "").strip()
-        if raw:
-            before = len(out.problems)
-            value = var.parse(raw, var.where(raw), out)
-            if len(out.problems) == before:
-                layers.append(Setting(value, var.label(raw)))
+        setting = _parse_var(var, raw, out) if raw else None
+        if setting is not None:
+            layers.append(setting)
     return layers
 
 
