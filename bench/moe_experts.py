@@ -1,4 +1,4 @@
-"""fused_experts on one GPU: correctness, tile sweep, and timing against FlagGems.
+"""fused_experts on one GPU: correctness, tile sweep, and timing against FlagGems and vLLM.
 
 Run from the repository root (no install, no network)::
 
@@ -6,17 +6,22 @@ Run from the repository root (no install, no network)::
     python bench/moe_experts.py --sweep --shapes qwen3 --out results/moe_sweep
     python bench/moe_experts.py --sweep --shapes mixtral,deepseek --tokens 1,64,4096 ...
 
-1. Correctness: ours vs the PyTorch reference (``fl_dispatch/core/ops/moe.py``)
-   for every shape at small M, plus CUDA-graph capture at M in {1, 8, 64} and replay with
-   new routing (vs an eager call).
+1. Correctness: ours (and vLLM's, when it imports) vs the PyTorch reference
+   (``fl_dispatch/core/ops/moe.py``) for every shape at small M, plus CUDA-graph capture of
+   ours at M in {1, 8, 64} and replay with new routing (vs an eager call).
 2. ``--sweep``: for each shape and T, times tile-config candidates (coordinate descent: the
-   alignment block BLOCK_SIZE_M, then gemm1's tiles with gemm2 fixed, then gemm2's) and
+   alignment block BLOCK_SIZE_M, then gemm1's tiles with gemm2 fixed, then gemm2's; at decode
+   with k > 1 also gemm2 with the sum fused, ``FUSED_G2``) and
    writes the best as ``moe_configs.TABLES`` entries (``sweep_best.json`` + printed Python).
 3. Timing, ``triton.testing.do_bench_cudagraph`` median: ours; FlagGems'
    ``fused_experts_impl`` (a port of vLLM's Triton MoE) with its own configs and with
    vLLM's shipped H200 configs injected (``moe_configs.VLLM_H200``) when ``import flag_gems``
-   works. Reported: us, weight TB/s (bytes of the distinct experts actually hit / time),
-   TFLOP/s, and ours / best other.
+   works; vLLM's own Triton ``fused_experts`` (``vllm``: vLLM 0.25 on the GPU machine, see
+   ``bench/gpu_vllm.sh``) with the tile configs it ships and picks itself (its default tiles
+   where none ships, e.g. DeepSeek's E=256, N=2048) when ``import vllm`` works, else
+   "vllm: not installed" and no such column. Reported: us, weight TB/s (bytes of the distinct
+   experts actually hit / time), TFLOP/s, and ours / best other (an impl that failed the
+   correctness check on that shape is left out of the best).
 
 Alignment and sum: ``fl_dispatch_flagos.moe_routing`` (moe_align_block_size, moe_sum) when it
 imports, else self-contained graph-safe PyTorch stand-ins (noted in the output and JSON; the
@@ -27,6 +32,8 @@ One failure never aborts the run: it is recorded and the run goes on.
 from __future__ import annotations
 
 import argparse
+import enum
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -196,9 +203,84 @@ class InjectVllmConfigs:
         self.mod.get_moe_configs = self.orig
 
 
+# ----------------------------------------------------------------------------- vLLM
+
+# What is called, as read in vLLM 0.25.0's own sources (the 0.25.0 wheel's
+# vllm/model_executor/layers/fused_moe/fused_moe.py, from ../shared/tools/vllm_gpu_bundle.sh;
+# the installed CPU wheel, 0.32.0, has the same signature):
+#
+#   def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids,
+#                     activation: MoEActivation = MoEActivation.SILU,
+#                     apply_router_weight_on_input: bool = False,
+#                     global_num_experts: int = -1, expert_map: torch.Tensor | None = None,
+#                     quant_config: FusedMoEQuantConfig | None = None) -> torch.Tensor
+#
+# It runs torch.ops.vllm.fused_experts (-> fused_experts_impl): quant_config None means
+# FUSED_MOE_UNQUANTIZED_CONFIG (bf16 as given), the tiles come from try_get_optimal_moe_config
+# (the shipped configs/E=..,N=..,device_name=NVIDIA_H200.json, else get_default_config), and the
+# result is a new tensor: 0.25 has no ``inplace`` argument and never writes hidden_states.
+# ``activation`` is an enum there, a string in older releases: it is built from the default's
+# type. inplace=False is passed only where the parameter exists (older releases), so that our
+# x is never overwritten between replays. Called by keyword; expert_map=None (no map).
+VLLM_MODULE = "vllm.model_executor.layers.fused_moe.fused_moe"
+VLLM_TENSORS = ("hidden_states", "w1", "w2", "topk_weights", "topk_ids")
+
+
+def load_vllm():
+    """(fused_experts, its fixed keyword arguments, note); (None, None, why) when vLLM is
+    absent or its fused_experts would not take our call. Imports vLLM only when found."""
+    if importlib.util.find_spec("vllm") is None:
+        return None, None, "vllm: not installed"
+    try:
+        import vllm
+
+        mod = importlib.import_module(VLLM_MODULE)
+    except Exception as exc:
+        return None, None, f"vllm: import failed: {type(exc).__name__}: {exc}"
+    tag = f"vllm {getattr(vllm, '__version__', '?')}"
+    fn = getattr(mod, "fused_experts", None)
+    if fn is None:
+        return None, None, f"{tag}: {VLLM_MODULE} has no fused_experts"
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        return None, None, f"{tag}: fused_experts has no readable signature ({exc})"
+    params = sig.parameters
+    missing = [n for n in (*VLLM_TENSORS, "activation") if n not in params]
+    if missing:
+        return None, None, f"{tag}: fused_experts{sig} lacks {', '.join(missing)}"
+    default = params["activation"].default
+    try:  # the enum of 0.25 (MoEActivation.SILU), else the string of older releases
+        act = type(default)("silu") if isinstance(default, enum.Enum) else "silu"
+    except ValueError as exc:
+        return None, None, f"{tag}: fused_experts' activation has no 'silu' ({exc})"
+    kw = {"activation": act}
+    for name, value in (("expert_map", None), ("inplace", False)):
+        if name in params:
+            kw[name] = value
+    try:  # a new required argument or a positional-only tensor fails here, not per call
+        sig.bind(**dict.fromkeys(VLLM_TENSORS), **kw)
+    except TypeError as exc:
+        return None, None, f"{tag}: fused_experts{sig} does not take our call ({exc})"
+    return fn, kw, f"{tag} ({VLLM_MODULE}.fused_experts, activation={act!r})"
+
+
+def vllm_call(fn, kw, x, w1, w2, w, ids):
+    return fn(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids, **kw)
+
+
 # ----------------------------------------------------------------------------- phases
 
-def check(me, ref, shapes, log):
+def _agree(got, want, orc):
+    """(max |got - ref|, relative error vs the fp32 oracle, allclose to ref at 2e-2)."""
+    err = (got.float() - want.float()).abs().max().item()
+    rel = ((got.float() - orc).norm() / orc.norm()).item()
+    return err, rel, torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def check(me, ref, shapes, log, others=()):
+    """Ours and each of ``others`` ((label, fn(x, w1, w2, w, ids)) pairs) vs the reference at
+    small M, the same tolerance for all; then ours under CUDA-graph replay."""
     rows = []
     for name in shapes:
         E, N, K, k = SHAPES[name]
@@ -212,20 +294,31 @@ def check(me, ref, shapes, log):
             try:
                 w, ids = make_routing(T, E, k, seed=T)
                 x = make_x(T, K, seed=T)
-                got = me.fused_experts(x, w1, w2, w, ids)
                 want = ref.fused_experts_reference(x, w1, w2, w, ids)
                 orc = ref.fused_experts_oracle(x, w1, w2, w, ids)
-                err = ((got.float() - want.float()).abs().max().item())
-                rel = ((got.float() - orc).norm() / orc.norm()).item()
-                ok = torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-                naive = me.use_naive_assignment(T, k, E, None)
-                rows.append({"shape": name, "T": T, "naive": naive, "max_abs_vs_ref": err,
-                             "rel_vs_oracle": rel, "ok": ok})
-                log(f"[check] {name:8s} T={T:3d} {'naive' if naive else 'align'} "
-                    f"max|ours-ref|={err:.3e} rel(ours,oracle)={rel:.2e} {'OK' if ok else 'FAIL'}")
             except Exception as exc:
                 rows.append({"shape": name, "T": T, "error": repr(exc)})
-                log(f"[check] {name} T={T}: ERROR {exc!r}\n{traceback.format_exc()}")
+                log(f"[check] {name} T={T}: reference ERROR {exc!r}\n{traceback.format_exc()}")
+                continue
+            # every impl on the same inputs, so that one failure leaves the others checked
+            for label, fn in (("ours", me.fused_experts), *others):
+                try:
+                    err, rel, ok = _agree(fn(x, w1, w2, w, ids), want, orc)
+                    row = {"shape": name, "T": T, "impl": label, "max_abs_vs_ref": err,
+                           "rel_vs_oracle": rel, "ok": ok}
+                    how = label
+                    if label == "ours":
+                        row["naive"] = me.use_naive_assignment(T, k, E, None)
+                        how = "naive" if row["naive"] else "align"
+                    rows.append(row)
+                    log(f"[check] {name:8s} T={T:3d} {how:5s} max|{label}-ref|={err:.3e} "
+                        f"rel({label},oracle)={rel:.2e} {'OK' if ok else 'FAIL'}")
+                except Exception as exc:
+                    rows.append({"shape": name, "T": T, "impl": label, "error": repr(exc)})
+                    # the traceback for ours; one line for the others, as compare reports them
+                    tb = f"\n{traceback.format_exc()}" if label == "ours" else ""
+                    log(f"[check] {name} T={T} {label}: ERROR {exc!r}{tb}")
+                    _sync()
         for T in (1, 8, 64):  # CUDA graph: capture once, replay with new routing
             try:
                 w, ids = make_routing(T, E, k, seed=100 + T)
@@ -270,6 +363,14 @@ def _cands(bm, tpe_naive):
               (256, 64, 16, 8, 3, 0), (256, 32, 16, 8, 5, 0), (128, 128, 8, 8, 3, 0),
               (256, 64, 1, 8, 4, 0), (64, 128, 8, 4, 4, 0)]
     return g1, g2
+
+
+FUSED_G2 = [(16, 128, 1, 4, 4, 1), (16, 256, 1, 4, 3, 1), (32, 128, 1, 4, 4, 1),
+            (32, 256, 1, 4, 3, 1), (32, 64, 1, 4, 5, 1), (64, 128, 1, 4, 4, 1),
+            (64, 64, 1, 4, 5, 1), (16, 128, 1, 2, 4, 1), (32, 128, 1, 2, 4, 1),
+            (16, 64, 1, 4, 6, 1)]
+"""gemm2 candidates with FUSE_SUM (decode, k > 1): one program per token and columns block
+loops over the k experts, so narrower column blocks keep enough programs in flight."""
 
 
 def _g(t):
@@ -322,6 +423,17 @@ def sweep(me, mc, shapes, tokens, budget_s, log):
                     ms = timed(cfg)
                     if ms < cur_ms:
                         cur, cur_ms = cfg, ms
+                if naive and k > 1:  # GEMM2 and the sum in one kernel (FUSE_SUM)
+                    fused_best = None
+                    for cand in FUSED_G2:
+                        cfg = {**cur, "gemm2": {**_g(cand), "FUSE_SUM": 1}}
+                        ms = timed(cfg)
+                        if fused_best is None or ms < fused_best[0]:
+                            fused_best = (ms, cfg)
+                    log(f"[sweep]   bm={bm}: fused sum best {fused_best[0] * 1e3:.1f} us "
+                        f"{fused_best[1]['gemm2']} vs unfused {cur_ms * 1e3:.1f} us")
+                    if fused_best[0] < cur_ms:
+                        cur_ms, cur = fused_best
                 log(f"[sweep]   bm={bm}: best {cur_ms * 1e3:.1f} us {cur}")
                 if cur_ms < best[0]:
                     best = (cur_ms, cur)
@@ -332,7 +444,19 @@ def sweep(me, mc, shapes, tokens, budget_s, log):
     return best_all
 
 
-def compare(me, mc, shapes, tokens, log, use_flaggems=True):
+OTHERS = ("flaggems", "flaggems_vllm_cfg", "vllm")  # what "ours vs best other" compares to
+
+
+def failed_checks(check_rows):
+    """{(impl, shape)} of the other impls that failed or raised in ``check`` (ours is
+    reported by the check itself): their times are kept but they are never "best"."""
+    return {(r["impl"], r["shape"]) for r in check_rows or ()
+            if r.get("impl", "ours") != "ours" and ("error" in r or not r.get("ok", True))}
+
+
+def compare(me, mc, shapes, tokens, log, use_flaggems=True, vllm=None, bad=frozenset()):
+    """``vllm``: fn(x, w1, w2, w, ids) calling vLLM's fused_experts, or None (not timed);
+    ``bad``: ``failed_checks`` of the check phase."""
     rows = []
     fg, fg_mod, fg_note = load_flaggems() if use_flaggems else (None, None, "disabled")
     log(f"[compare] FlagGems: {fg_note}")
@@ -357,6 +481,8 @@ def compare(me, mc, shapes, tokens, log, use_flaggems=True):
                 if inject.available() and (E, N) in mc.VLLM_H200:
                     impls.append(("flaggems_vllm_cfg", lambda a=a: flaggems_call(fg, *a),
                                   inject))
+            if vllm is not None:
+                impls.append(("vllm", lambda a=a: vllm(*a), None))
             for label, fn, ctx in impls:
                 try:
                     if ctx is not None:
@@ -369,7 +495,10 @@ def compare(me, mc, shapes, tokens, log, use_flaggems=True):
                 except Exception as exc:
                     row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                     _sync()
-            others = [row[c]["us"] for c in row if c.startswith("flaggems") and "us" in row[c]]
+                if (label, name) in bad:
+                    row[label]["check_failed"] = True
+            others = [row[c]["us"] for c in OTHERS
+                      if "us" in row.get(c, {}) and not row[c].get("check_failed")]
             if "us" in row.get("ours", {}) and others:
                 row["ours_speedup_vs_best_other"] = min(others) / row["ours"]["us"]
             rows.append(row)
@@ -381,15 +510,17 @@ def compare(me, mc, shapes, tokens, log, use_flaggems=True):
 
 def _fmt(row):
     parts = [f"{row['shape']:8s} T={row['T']:5d} hit={row['experts_hit']:3d}"]
-    for label in ("ours", "flaggems", "flaggems_vllm_cfg"):
+    for label in ("ours", *OTHERS):
         r = row.get(label)
         if r is None:
             continue
+        flag = " [check FAIL]" if r.get("check_failed") else ""
         if "us" in r:
             parts.append(f"{label} {r['us']:9.1f} us {r['TBps']:5.2f} TB/s "
-                         f"{r['TFLOPs']:6.1f} TF" + ("" if r["mode"] == "graph" else " [eager]"))
+                         f"{r['TFLOPs']:6.1f} TF" + ("" if r["mode"] == "graph" else " [eager]")
+                         + flag)
         else:
-            parts.append(f"{label} ERROR {r['error'][:60]}")
+            parts.append(f"{label} ERROR {r['error'][:60]}{flag}")
     if "ours_speedup_vs_best_other" in row:
         parts.append(f"ours x{row['ours_speedup_vs_best_other']:.2f}")
     return " | ".join(parts)
@@ -404,6 +535,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=500.0, help="sweep time budget")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-flaggems", action="store_true")
+    ap.add_argument("--no-vllm", action="store_true", help="leave vLLM's fused_experts out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -432,9 +564,17 @@ def main(argv=None):
               "align": align_note, "note": note}
     ref = _load_reference()
     torch.manual_seed(0)
+    vllm, others = None, []
+    if not args.sweep:  # the sweep tunes ours only: vLLM is neither imported nor checked
+        vl_fn, vl_kw, vl_note = (None, None, "vllm: disabled") if args.no_vllm else load_vllm()
+        log(f"[compare] {vl_note}")
+        result["vllm"] = vl_note
+        if vl_fn is not None:
+            vllm = functools.partial(vllm_call, vl_fn, vl_kw)
+            others.append(("vllm", vllm))
     if not args.skip_check:
         try:
-            result["check"] = check(me, ref, shapes, log)
+            result["check"] = check(me, ref, shapes, log, others)
         except Exception as exc:
             log(f"[check] aborted: {exc!r}")
     if args.sweep:
@@ -449,7 +589,8 @@ def main(argv=None):
                 log(f"    {T}: {r['config']!r},  # {r['us']:.1f} us")
             log("},")
     else:
-        rows, fg_note = compare(me, mc, shapes, tokens, log, not args.no_flaggems)
+        rows, fg_note = compare(me, mc, shapes, tokens, log, not args.no_flaggems, vllm,
+                                failed_checks(result.get("check")))
         result["compare"] = rows
         result["flaggems"] = fg_note
     result["wall_s"] = time.time() - t0

@@ -237,6 +237,52 @@ def test_k1_writes_output_directly(monkeypatch):
     _run(x, w1, w2, w, ids)
 
 
+def _sequential_sum(inp, out):
+    """Our ``moe_sum`` kernel's order: fp32, j = 0..k-1, one rounding."""
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for j in range(inp.shape[1]):
+        acc += inp[:, j].float()
+    out.copy_(acc.to(out.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,E,k,K,bn,bk", [(1, 16, 2, 48, 16, 32), (2, 64, 6, 80, 32, 32),
+                                           (1, 64, 8, 64, 64, 64)])
+def test_fused_sum_is_bit_for_bit_the_unfused_pair(M, E, k, K, bn, bk, dtype, monkeypatch):
+    """FUSE_SUM at decode (naive assignment): GEMM2 and the sum over k in one kernel give
+    exactly GEMM2 then our moe_sum's order, ids outside [0, E) adding zero included (K = 80
+    and 48 with a 32-wide N tile: a ragged last tile; N = 48 with a 32-wide K tile: a ragged
+    reduction), and the dispatched moe_sum is not called."""
+    x, w1, w2, w, ids = _inputs(M, K, 48, E, k, dtype, seed=31 + M + k)
+    ids[0, 1] = -1
+    if k > 2:
+        ids[-1, 2] = E + 3  # >= E with global_num_experts = E + 8
+    assert moe_experts.use_naive_assignment(M, k, E + 8, None)
+    tiles = _tiles(16, 32, 32, 1, bn, bk, 1)
+    monkeypatch.setattr(moe_experts, "_sum", _sequential_sum)
+    unfused = moe_experts.fused_experts(x, w1, w2, w, ids, global_num_experts=E + 8,
+                                        config=tiles)
+    tiles["gemm2"]["FUSE_SUM"] = 1
+    monkeypatch.setattr(moe_experts, "_sum", lambda *a: pytest.fail("moe_sum called"))
+    fused = moe_experts.fused_experts(x, w1, w2, w, ids, global_num_experts=E + 8,
+                                      config=tiles)
+    assert torch.equal(fused, unfused)
+    want = REF.fused_experts_reference(x, w1, w2, w, ids, global_num_experts=E + 8)
+    _close(fused, want, dtype)
+
+
+def test_fused_sum_ignored_off_the_naive_path(monkeypatch):
+    """FUSE_SUM only applies to the naive assignment: aligned sizes still sum through the
+    dispatched moe_sum."""
+    calls = []
+    monkeypatch.setattr(moe_experts, "_sum", lambda i, o: (calls.append(1), torch_moe_sum(i, o)))
+    x, w1, w2, w, ids = _inputs(7, 32, 48, 8, 2, torch.bfloat16, seed=37)
+    tiles = _tiles(16, 32, 32, 1, 32, 32, 1)
+    tiles["gemm2"]["FUSE_SUM"] = 1
+    _run(x, w1, w2, w, ids, config=tiles)
+    assert calls == [1]
+
+
 def test_explicit_config_override():
     x, w1, w2, w, ids = _inputs(7, 64, 96, 4, 2, torch.bfloat16, seed=21)
     cfg = {"BLOCK_SIZE_M": 32,

@@ -16,6 +16,9 @@ block per route (``NAIVE``: block ``b`` holds route ``b`` only and its expert is
   straight into the ``[M, K]`` output when k == 1. Extra leading "clean" programs write zeros
   for routes the alignment skipped (ids outside ``[0, num_global)`` or mapped to -1), so every
   output row is written without a memset.
+* :func:`moe_gemm2_sum_kernel`: at decode (``NAIVE``, k > 1) GEMM2 and the sum over k in one
+  program per (token, columns block), bit for bit GEMM2 then ``moe_sum``; chosen by the tile
+  config's ``FUSE_SUM``.
 
 Offsets are int64 (vLLM issue #5938: > 65k tokens overflowed int32 products). Only builtins of
 ``triton.language`` are used (no ``tl.zeros``/``tl.cdiv``/``tl.sum``: those are ``@jit``
@@ -222,3 +225,70 @@ def moe_gemm2_kernel(
         wt = tl.load(topk_w_ptr + routes, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * wt[:, None]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def moe_gemm2_sum_kernel(
+    a_ptr, w_ptr, c_ptr, topk_w_ptr, topk_ids_ptr,
+    N, K, num_local,
+    stride_am, stride_we, stride_wn, stride_cm,
+    TOP_K: tl.constexpr, MUL_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    W_EVICT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Decode GEMM2 with the sum over k fused (the ``NAIVE`` assignment only: one block per
+    route, its expert ``topk_ids.flat[r]``): program ``pid`` -> token ``pid // n_blocks``,
+    columns block ``pid % n_blocks``;
+    ``c[t, :N] = sum_j round(a[t*k + j] @ w2[ids[t, j]].T * topk_w[t, j])``, the sum in fp32
+    over j in order, rounded once: bit for bit :func:`moe_gemm2_kernel` then ``moe_sum``
+    (which accumulates the rounded rows in fp32 in the same order), one launch and one
+    ``[M, k, N]`` round trip fewer. Routes whose id is outside ``[0, num_local)`` add zero,
+    as the unfused kernel's zero rows do. ``tl.dot`` wants 16 rows: row 0 holds the route,
+    the other 15 are masked (no memory traffic; the MMA work is free at decode, where the
+    weights' bandwidth is the limit)."""
+    pid = tl.program_id(0)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    t = (pid // num_pid_n).to(tl.int64)
+    pid_n = pid % num_pid_n
+    offs_m = tl.arange(0, 16)
+    row0 = offs_m == 0
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    c_ty = c_ptr.dtype.element_ty
+    total = tl.full((16, BLOCK_N), 0.0, tl.float32)
+    for j in tl.static_range(TOP_K):
+        r = t * TOP_K + j
+        expert = tl.load(topk_ids_ptr + r).to(tl.int64)
+        if (expert >= 0) & (expert < num_local):
+            a_ptrs = a_ptr + r * stride_am + (offs_m * 0)[:, None] + offs_k[None, :]
+            w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
+            acc = tl.full((16, BLOCK_N), 0.0, tl.float32)
+            for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row0[:, None], other=0.0)
+                    if W_EVICT:
+                        w = tl.load(w_ptrs, eviction_policy="evict_first")
+                    else:
+                        w = tl.load(w_ptrs)
+                else:
+                    kmask = offs_k < K - kk * BLOCK_K
+                    a = tl.load(a_ptrs, mask=row0[:, None] & kmask[None, :], other=0.0)
+                    if W_EVICT:
+                        w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0,
+                                    eviction_policy="evict_first")
+                    else:
+                        w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+                if UPCAST:
+                    acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc,
+                                 input_precision="ieee")
+                elif IEEE:
+                    acc = tl.dot(a, w, acc=acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w, acc=acc)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            if MUL_W:
+                acc = acc * tl.load(topk_w_ptr + r).to(tl.float32)
+            total += acc.to(c_ty).to(tl.float32)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + t * stride_cm + (offs_m * 0)[:, None] + offs_cn[None, :]
+    tl.store(c_ptrs, total.to(c_ty), mask=row0[:, None] & (offs_cn[None, :] < N))

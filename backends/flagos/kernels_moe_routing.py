@@ -11,7 +11,9 @@ own inverse; written out inline, the kernels being single functions), after ``+ 
 score and, among equal scores, the LOWER index: exactly vLLM's tie rule. The chosen entry's
 key is then replaced by the minimum int64 (``taken``), which loses to every real score,
 ``-inf`` included. Without a bias the selection score is the weight, decoded back from the
-key (no second reduction).
+key (no second reduction); with a bias the K weights are recomputed from the K chosen inputs,
+re-read after the selection (one gathered load from L1/L2 instead of K masked sums over all
+experts), by the same arithmetic, so the bits are those of the full-row values.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def topk_softmax_kernel(
     m = tl.reduce(x, 1, _max)
     m = tl.where(m == float("-inf"), 0.0, m)  # all -inf (a masked row): no NaN from inf-inf
     ex = tl.exp(x - m[:, None])
-    p = ex / tl.reduce(ex, 1, _sum)[:, None]
+    denom = tl.reduce(ex, 1, _sum)
+    p = ex / denom[:, None]
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         sel = p + b[None, :]
@@ -62,17 +65,19 @@ def topk_softmax_kernel(
         hi = best >> 32
         idx = BLOCK_E - (best - (hi << 32)).to(tl.int32)
         hit = cols[None, :] == idx[:, None]
-        if HAS_BIAS:
-            wj = tl.reduce(tl.where(hit, p, 0.0), 1, _sum)
-        else:
+        if not HAS_BIAS:
             hb = hi.to(tl.int32)
             wj = (hb ^ ((hb >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            out_w = tl.where(kcols[None, :] == j, wj[:, None], out_w)
         key = tl.where(hit, taken, key)
-        out_w = tl.where(kcols[None, :] == j, wj[:, None], out_w)
         out_i = tl.where(kcols[None, :] == j, idx[:, None], out_i)
+    omask = row_mask[:, None] & (kcols < K)[None, :]
+    if HAS_BIAS:  # the weights are p at the ids: re-read those K logits (cached), not K sums
+        xk = tl.load(g_ptr + rows64[:, None] * stride_g + out_i, mask=omask,
+                     other=0.0).to(tl.float32)
+        out_w = tl.where(omask, tl.exp(xk - m[:, None]) / denom[:, None], 0.0)
     if RENORM:
         out_w = out_w / tl.reduce(out_w, 1, _sum)[:, None]
-    omask = row_mask[:, None] & (kcols < K)[None, :]
     offs = rows64[:, None] * K + kcols[None, :]
     tl.store(w_ptr + offs, out_w, mask=omask)
     tl.store(ids_ptr + offs, out_i.to(ids_ptr.dtype.element_ty), mask=omask)
@@ -149,14 +154,21 @@ def grouped_topk_kernel(
         hi = best >> 32
         idx = big - (best - (hi << 32)).to(tl.int32)
         hit = expert[None, :, :] == idx[:, None, None]
-        if HAS_BIAS:
-            wj = tl.reduce(tl.reduce(tl.where(hit, f, 0.0), 2, _sum), 1, _sum)
-        else:
+        if not HAS_BIAS:
             hb = hi.to(tl.int32)
             wj = (hb ^ ((hb >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            out_w = tl.where(kcols[None, :] == j, wj[:, None], out_w)
         key = tl.where(hit, taken, key)
-        out_w = tl.where(kcols[None, :] == j, wj[:, None], out_w)
         out_i = tl.where(kcols[None, :] == j, idx[:, None], out_i)
+    if HAS_BIAS:  # the weights are f at the ids: re-read those K scores (cached), not K sums
+        kmask = row_mask[:, None] & (kcols < K)[None, :] & (out_i < big)
+        xk = tl.load(s_ptr + rows64[:, None] * stride_s + out_i, mask=kmask,
+                     other=0.0).to(tl.float32)
+        if SCORING == 1:
+            fk = 1.0 / (1.0 + tl.exp(-xk))
+        else:
+            fk = xk
+        out_w = tl.where(kmask, fk, 0.0)
     if RENORM:
         out_w = out_w / (tl.reduce(out_w, 1, _sum)[:, None] + 1e-20) * scaling
     else:

@@ -1,6 +1,6 @@
 """``fused_experts`` on our Triton kernels (:mod:`.kernels_moe_gemm`).
 
-Pipeline (at most 4 launches, 2-3 at decode):
+Pipeline (at most 4 launches, 2 at decode):
 
 1. routes -> expert-aligned blocks: the dispatched ``moe_align_block_size`` (:func:`_align`),
    or, like vLLM at decode sizes (``expert_map is None and M*k*4 <= global_num_experts``),
@@ -8,6 +8,11 @@ Pipeline (at most 4 launches, 2-3 at decode):
 2. GEMM1 + ``act(gate) * up`` in one kernel into ``[M*k, N]``;
 3. GEMM2 times the router weight into ``[M, k, K]`` (straight into the output when k == 1);
 4. the dispatched ``moe_sum`` over k (:func:`_sum`), skipped when k == 1.
+
+At decode (the naive assignment) with k > 1, a tile config with ``FUSE_SUM`` in its gemm2
+part does 3 and 4 in one kernel (:func:`_gemm2_sum`): bit for bit the same result as our
+kernels' pair, one launch fewer. The dispatched ``moe_sum`` is then not called, so a policy
+that gives ``moe_sum`` to another backend changes only the aligned (larger) sizes.
 
 CUDA-graph safe: no host synchronisation; every buffer's size follows from the shapes only
 (the grids cover the worst case and surplus programs exit after one load). Routes whose id is
@@ -45,7 +50,8 @@ GEMM1_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_gemm", "moe_gemm1_act_kernel",
                              do_not_specialize=("EM", "num_valid"))
 GEMM2_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_gemm", "moe_gemm2_kernel",
                              do_not_specialize=("EM", "num_valid", "num_clean"))
-KERNELS = (GEMM1_KERNEL, GEMM2_KERNEL)
+GEMM2_SUM_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_gemm", "moe_gemm2_sum_kernel")
+KERNELS = (GEMM1_KERNEL, GEMM2_KERNEL, GEMM2_SUM_KERNEL)
 
 
 # ----------------------------------------------------------------------------- dispatched ops
@@ -212,11 +218,15 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     GEMM1_KERNEL.launch(key1, (num_pid_m * -(-N // bn1), 1, 1), dev, t1, p1, args1,
                         g1["num_warps"], g1["num_stages"])
 
+    g2 = cfg["gemm2"]
+    bn2, bk2 = g2["BLOCK_SIZE_N"], g2["BLOCK_SIZE_K"]
+    if naive and k > 1 and g2.get("FUSE_SUM", 0):
+        _gemm2_sum(cache2, w2, out, tw, ids, K, N, E, k, not apply_router_weight_on_input,
+                   g2, ieee, upcast, dev)
+        return out
     cache3 = out.view(M, 1, K) if k == 1 else torch.empty((M, k, K), dtype=dtype,
                                                            device=device)
     c3 = cache3.view(numel, K)
-    g2 = cfg["gemm2"]
-    bn2, bk2 = g2["BLOCK_SIZE_N"], g2["BLOCK_SIZE_K"]
     num_clean = 0 if naive else -(-numel // CLEAN_M)
     has_map = expert_map is not None
     emap = expert_map if has_map else ids
@@ -234,6 +244,24 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     if k > 1:
         _sum(cache3, out)
     return out
+
+
+def _gemm2_sum(cache2: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, tw: torch.Tensor,
+               ids: torch.Tensor, K: int, N: int, E: int, k: int, mul_w: bool,
+               g2: dict[str, Any], ieee: bool, upcast: bool, dev: int) -> None:
+    """Decode GEMM2 with the sum over k fused (``FUSE_SUM``): ``out`` written directly, no
+    ``[M, k, K]`` buffer and no ``moe_sum`` launch; bit for bit the unfused pair (see
+    ``kernels_moe_gemm.moe_gemm2_sum_kernel``). Only on the naive assignment, where every
+    route's expert is read from ``topk_ids`` (no ``expert_map``)."""
+    bn, bk = g2["BLOCK_SIZE_N"], g2["BLOCK_SIZE_K"]
+    args = (K, N, E, cache2.stride(0), w2.stride(0), w2.stride(1), out.stride(0), k, mul_w,
+            bn, bk, N % bk == 0, ieee, int(g2.get("W_EVICT", 0)), upcast)
+    t = (cache2, w2, out, tw, ids)
+    p = tuple(x.data_ptr() for x in t)
+    key = (tuple(x.dtype for x in t), tuple(q & 15 for q in p), dev, g2["num_warps"],
+           g2["num_stages"], *args)
+    GEMM2_SUM_KERNEL.launch(key, (out.shape[0] * -(-K // bn), 1, 1), dev, t, p, args,
+                            g2["num_warps"], g2["num_stages"])
 
 
 # ----------------------------------------------------------------------------- registration
