@@ -71,18 +71,33 @@ def _ispec(n: int) -> tuple[bool, bool, bool]:
 @functools.lru_cache(maxsize=4096)
 def topk_softmax_config(tokens: int, experts: int, topk: int) -> tuple[int, int]:
     """(BLOCK_T rows per program, num_warps) for topk_softmax. At most 2048 scores per
-    program (registers: fp32 score, fp32 p, int64 key), at least ~2 waves of programs; one
-    warp while a program holds <= 512 scores (all reductions stay in warp shuffles)."""
+    program (registers: fp32 score, fp32 p, int64 key), at least ~2 waves of programs, and
+    from 64 tokens at least 4 rows per program; one warp for a single row (its reductions
+    stay in warp shuffles), else a warp per 128 scores, at most 4.
+
+    From the H200 sweep (`bench/moe_routing.py --sweep --quick`, 2026-11-30; E 8/128/256 at
+    1, 64 and 16384 tokens), whose best candidate at each point this rule picks or comes
+    within 1.2% of: (4 rows, 1 warp) 1.27 µs for E 8 at 64 tokens where one row per program
+    took 1.51; (64, 4) 1.93 µs for E 8 at 16384 where (64, 1) took 3.17 (vLLM 2.07);
+    (4, 4) at 64 tokens for E 128 and 256, 2.42 and 2.70 µs. 1024 and 4096 tokens were not
+    swept."""
     be = pow2(experts)
-    bt = max(1, min(max(1, 2048 // be), pow2(_cdiv(tokens, SM_WAVE))))
-    return bt, max(1, min(4, bt * be // 512))
+    rows = pow2(_cdiv(tokens, SM_WAVE))
+    if tokens >= 64:
+        rows = max(rows, 4)
+    bt = max(1, min(max(1, 2048 // be), rows))
+    return bt, 1 if bt == 1 else max(1, min(4, bt * be // 128))
 
 
 @functools.lru_cache(maxsize=4096)
 def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps) for grouped_topk (same reasoning as topk_softmax)."""
+    """(BLOCK_T, num_warps) for grouped_topk (same reasoning as topk_softmax), at most 2 rows
+    per program: its group stage adds reductions that favour more, smaller programs (H200,
+    E 256 in 8 groups, `bench/moe_routing.py --sweep --quick`, 2026-11-30: one row and one
+    warp best at 1 and 64 tokens, 2.83 / 3.03 µs; two rows, one warp at 16384, 27.1 µs
+    against 28.5 for 8 rows and 4 warps)."""
     be = pow2(groups) * pow2(experts // groups)
-    bt = max(1, min(max(1, 2048 // be), pow2(_cdiv(tokens, SM_WAVE))))
+    bt = max(1, min(max(1, 2048 // be), 2, pow2(_cdiv(tokens, SM_WAVE))))
     return bt, max(1, min(4, bt * be // 512))
 
 
@@ -164,11 +179,14 @@ def align_v2_config(numel: int, experts: int, variant: str, block: int = 0,
 
 @functools.lru_cache(maxsize=4096)
 def moe_sum_config(tokens: int, hidden: int, topk: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_H, num_warps) for moe_sum: 1024 columns x 1 row, 4 warps (8 bf16 per
-    thread per load, k independent loads in flight)."""
+    """(BLOCK_T, BLOCK_H, num_warps) for moe_sum: 1024 columns x 1 row, 8 warps (4 elements
+    per thread per load, k independent loads in flight). Measured on the H200 (k 8, hidden
+    4096, `bench/moe_routing.py --sweep --quick`, 2026-11-30): 1.27 / 1.86 / 271.1 µs at 1 /
+    64 / 16384 tokens, where 4 warps took 1.92 / 2.25 / 272.6 (more threads in flight is
+    what the small sizes need; the best of all candidates was within 0.05 µs and 0.2%)."""
     bh = min(1024, pow2(hidden))
     bt = 1
-    return bt, bh, max(1, min(4, bt * bh // 256))
+    return bt, bh, max(1, min(8, bt * bh // 128))
 
 
 # ----------------------------------------------------------------------------- helpers

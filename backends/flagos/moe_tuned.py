@@ -2,10 +2,11 @@
 
 Written from the sweep's ``sweep_best.json`` (2026-11-30, one NVIDIA H200, torch 2.11 +
 CUDA 13, Triton 3.6, CUDA-graph replay median; ``python3 bench/moe_experts.py --sweep
---budget-s 230``); the time each config measured is in the comment. Shapes the sweep did not
-reach keep the table in :mod:`.moe_configs` (for DeepSeek-V3 only M = 1, 16, 64 and 4096
-were swept: other M take the nearest of these or vLLM's default rows). Re-run the sweep and
-regenerate on another device.
+--budget-s 230``), with rows from a second sweep of the same day (``--tokens 1,4`` for all three
+shapes, ``--tokens 1024,256`` for DeepSeek-V3; the fused-sum GEMM2 ``FUSE_SUM`` was a candidate at
+decode and won for DeepSeek-V3 at 1 and 4 tokens only); the time each config measured is in the
+comment. Every shape has rows at M = 1, 4, 16, 64, 256, 1024 and 4096; other M take the
+nearest. Re-run the sweep and regenerate on another device.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 MEASURED: dict[tuple[str, int, int, int, int, str], dict[int, dict[str, Any]]] = {
     ('NVIDIA_H200', 8, 14336, 4096, 2, 'bfloat16'): {  # mixtral
         1: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 256, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}},  # 172.0 us
+        4: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 0}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 3, 'W_EVICT': 1}},  # 406.0 us (second sweep)
         16: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 256, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}},  # 634.6 us
         64: {'BLOCK_SIZE_M': 32, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 64, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 64, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}},  # 645.2 us
         256: {'BLOCK_SIZE_M': 128, 'gemm1': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}, 'gemm2': {'BLOCK_SIZE_N': 256, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}},  # 735.8 us
@@ -23,6 +25,7 @@ MEASURED: dict[tuple[str, int, int, int, int, str], dict[int, dict[str, Any]]] =
     },
     ('NVIDIA_H200', 128, 768, 2048, 8, 'bfloat16'): {  # qwen3
         1: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}},  # 27.0 us
+        4: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 2, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 2, 'W_EVICT': 1}},  # 70.9 us (second sweep)
         16: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}},  # 196.4 us
         64: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 3, 'W_EVICT': 1}},  # 285.5 us
         256: {'BLOCK_SIZE_M': 32, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 256, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 1}},  # 313.7 us
@@ -30,9 +33,12 @@ MEASURED: dict[tuple[str, int, int, int, int, str], dict[int, dict[str, Any]]] =
         4096: {'BLOCK_SIZE_M': 128, 'gemm1': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}, 'gemm2': {'BLOCK_SIZE_N': 256, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}},  # 855.4 us
     },
     ("NVIDIA_H200", 256, 2048, 7168, 8, "bfloat16"): {  # deepseek (sweep --shapes deepseek --tokens 1,16,64,4096)
-        1: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}},  # 170.0 us
+        1: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 2, 'num_stages': 4, 'W_EVICT': 1, 'FUSE_SUM': 1}},  # 168.0 us (second sweep; unfused 169.0)
+        4: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1, 'FUSE_SUM': 1}},  # 616.9 us (second sweep; unfused 623.6)
         16: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 256, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}},  # 1825.9 us
         64: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 256, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}},  # 4330.7 us
+        256: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 3, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}},  # 4954.0 us (second sweep)
+        1024: {'BLOCK_SIZE_M': 64, 'gemm1': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 8, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}},  # 5302.4 us (second sweep)
         4096: {'BLOCK_SIZE_M': 128, 'gemm1': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}, 'gemm2': {'BLOCK_SIZE_N': 256, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}},  # 8389.7 us
     },
 }
