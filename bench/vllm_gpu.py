@@ -413,9 +413,12 @@ def startup_detail(log: Path) -> dict[str, float]:
     return found
 
 
-def stats(values: list[float]) -> dict[str, float]:
+def stats(values: list[float]) -> dict[str, Any]:
+    """Median, spread and every round's value in round order (the JSON keeps them: a slow
+    round, or a drift across rounds, is then visible afterwards, not only its effect on the
+    median)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+            "n": len(values), "values": list(values)}
 
 
 def measure(engines: dict[str, Engine], batches: list[int], rounds: int, args: Any,

@@ -86,6 +86,7 @@ def test_vllm_gpu_bench_runs_alternated_engines_and_checks_agreement(tmp_path: P
     assert set(result["timing"]) == {"stock", "reference"}
     for name in ("stock", "reference"):
         assert result["timing"][name]["1"]["n"] == 1 and result["timing"][name]["3"]["median"] > 0
+        assert result["timing"][name]["3"]["values"] == [result["timing"][name]["3"]["median"]]
     ref = result["agreement"]["reference"]
     assert ref["requests_equal"] == "2/2" and ref["first_diff"] is None
     assert ref["forced_positions"] == 2 * 3 and ref["forced_dlogprob_max"] < 1e-4
