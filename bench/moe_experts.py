@@ -6,7 +6,7 @@ Run from the repository root (no install, no network)::
     python bench/moe_experts.py --sweep --shapes qwen3 --out results/moe_sweep
     python bench/moe_experts.py --sweep --shapes mixtral,deepseek --tokens 1,64,4096 ...
 
-1. Correctness: ours (and vLLM's, when it imports) vs the PyTorch reference
+1. Correctness: ours (and vLLM's and FlagGems', when they import) vs the PyTorch reference
    (``fl_dispatch/core/ops/moe.py``) for every shape at small M, plus CUDA-graph capture of
    ours at M in {1, 8, 64} and replay with new routing (vs an eager call).
 2. ``--sweep``: for each shape and T, times tile-config candidates (coordinate descent: the
@@ -495,7 +495,9 @@ def compare(me, mc, shapes, tokens, log, use_flaggems=True, vllm=None, bad=froze
                 except Exception as exc:
                     row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                     _sync()
-                if (label, name) in bad:
+                # FlagGems with vLLM's tiles is the same code: FlagGems' failure marks both
+                if (label, name) in bad or (label == "flaggems_vllm_cfg"
+                                            and ("flaggems", name) in bad):
                     row[label]["check_failed"] = True
             others = [row[c]["us"] for c in OTHERS
                       if "us" in row.get(c, {}) and not row[c].get("check_failed")]
@@ -572,6 +574,10 @@ def main(argv=None):
         if vl_fn is not None:
             vllm = functools.partial(vllm_call, vl_fn, vl_kw)
             others.append(("vllm", vllm))
+        if not args.no_flaggems:  # checked like the others, so that "best" is a correct impl
+            fg_fn, _, _ = load_flaggems()
+            if fg_fn is not None:
+                others.append(("flaggems", functools.partial(flaggems_call, fg_fn)))
     if not args.skip_check:
         try:
             result["check"] = check(me, ref, shapes, log, others)
