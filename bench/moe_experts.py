@@ -454,11 +454,13 @@ def failed_checks(check_rows):
             if r.get("impl", "ours") != "ours" and ("error" in r or not r.get("ok", True))}
 
 
-def compare(me, mc, shapes, tokens, log, use_flaggems=True, vllm=None, bad=frozenset()):
-    """``vllm``: fn(x, w1, w2, w, ids) calling vLLM's fused_experts, or None (not timed);
-    ``bad``: ``failed_checks`` of the check phase."""
+def compare(me, mc, shapes, tokens, log, flaggems=(None, None, "disabled"), vllm=None,
+            bad=frozenset()):
+    """``flaggems``: what ``load_flaggems`` returned (fn, module, note); ``vllm``: fn(x, w1,
+    w2, w, ids) calling vLLM's fused_experts, or None (not timed); ``bad``: ``failed_checks``
+    of the check phase."""
     rows = []
-    fg, fg_mod, fg_note = load_flaggems() if use_flaggems else (None, None, "disabled")
+    fg, fg_mod, fg_note = flaggems
     log(f"[compare] FlagGems: {fg_note}")
     inject = InjectVllmConfigs(fg_mod, mc.VLLM_H200)
     for name in shapes:
@@ -566,7 +568,7 @@ def main(argv=None):
               "align": align_note, "note": note}
     ref = _load_reference()
     torch.manual_seed(0)
-    vllm, others = None, []
+    vllm, others, flaggems = None, [], (None, None, "disabled")
     if not args.sweep:  # the sweep tunes ours only: vLLM is neither imported nor checked
         vl_fn, vl_kw, vl_note = (None, None, "vllm: disabled") if args.no_vllm else load_vllm()
         log(f"[compare] {vl_note}")
@@ -575,9 +577,9 @@ def main(argv=None):
             vllm = functools.partial(vllm_call, vl_fn, vl_kw)
             others.append(("vllm", vllm))
         if not args.no_flaggems:  # checked like the others, so that "best" is a correct impl
-            fg_fn, _, _ = load_flaggems()
-            if fg_fn is not None:
-                others.append(("flaggems", functools.partial(flaggems_call, fg_fn)))
+            flaggems = load_flaggems()
+            if flaggems[0] is not None:
+                others.append(("flaggems", functools.partial(flaggems_call, flaggems[0])))
     if not args.skip_check:
         try:
             result["check"] = check(me, ref, shapes, log, others)
@@ -595,7 +597,7 @@ def main(argv=None):
                 log(f"    {T}: {r['config']!r},  # {r['us']:.1f} us")
             log("},")
     else:
-        rows, fg_note = compare(me, mc, shapes, tokens, log, not args.no_flaggems, vllm,
+        rows, fg_note = compare(me, mc, shapes, tokens, log, flaggems, vllm,
                                 failed_checks(result.get("check")))
         result["compare"] = rows
         result["flaggems"] = fg_note

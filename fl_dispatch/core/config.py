@@ -260,15 +260,16 @@ def resolve_policy(
             plat_source = f"platform:{path}"
             plat_layer = load_yaml_policy(path, str(path), out)
         for key in YAML_KEYS:  # environment, else platform file, else default
-            if BY_NAME[key].per_key:  # per op: the highest layer naming the op
-                layers = _env_layers(env, key, out) + (
-                    [Setting(plat_layer[key], plat_source)] if key in plat_layer else [])
-                values[key] = merge_maps(layers) if layers else Setting(DEFAULTS[key],
-                                                                        "default")
-                continue
-            values[key] = _from_env(env, key, out) or (
-                Setting(plat_layer[key], plat_source) if key in plat_layer
-                else Setting(DEFAULTS[key], "default"))
+            per_key = BY_NAME[key].per_key
+            if per_key:  # per op: each op from the highest layer naming it
+                layers = _env_layers(env, key, out)
+            else:  # whole: the highest variable set, else the platform file's
+                found = _from_env(env, key, out)
+                layers = [found] if found else []
+            if key in plat_layer:
+                layers.append(Setting(plat_layer[key], plat_source))
+            values[key] = ((merge_maps(layers) if per_key else layers[0]) if layers
+                           else Setting(DEFAULTS[key], "default"))
         for wl, bl in EXCLUSIVE:
             wl_var, bl_var = BY_NAME[wl].env[0].name, BY_NAME[bl].env[0].name
             if env.get(wl_var, "").strip() and env.get(bl_var, "").strip():
