@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root (no network)::
 
-    python bench/mla.py [--sweep] [--sweep-all] [--swap] [--out DIR] [--quick]
+    python bench/mla.py [--sweep] [--sweep-all] [--out DIR] [--quick] [--only TEXT]
 
 Optional competitors, each guarded (a failure prints its reason and the run goes on):
 - vLLM's TRITON_MLA decode kernel: ``.gpu-mla/triton_decode_attention.py`` (vLLM's
@@ -27,12 +27,10 @@ d 576, dv 512, bf16, causal. Bytes = b * (s_q h_q d + mean_len d + s_q h_q dv) *
 Correctness first (FlashMLA tolerances, vs ``fl_dispatch/core/ops/mla.py``): small
 cases with empty rows, mid-block ends, shuffled tables, s_q = 2 causal and not; then each
 benchmark case spot-checked on its first rows. ``--sweep`` times launch configs (8k cases;
-``--sweep-all``: all) and prints ``MLA_CONFIGS`` entries for ``backends/flagos/mla.py``; for
-``s_q * h_q <= 64`` query rows it also times the swap-AB split kernel (``MLAConfig.swap``),
-each such config checked against the reference before it is timed, and prints the best plain
-and the best swap config side by side. ``--swap``: an ``ours_swap`` row next to ``ours`` (the
-heuristic's config with ``swap=True``), checked like ``ours`` first; with ``--swap`` or a sweep
-the correctness section runs the swap kernel too.
+``--sweep-all``: all) and prints ``MLA_CONFIGS`` entries for ``backends/flagos/mla.py``; each
+config is synchronized after its timing, so that a device fault names the config that made it.
+``--only`` runs the cases whose label contains one of its comma-separated texts. At the end: the
+registers, spills and shared memory of every compiled split kernel.
 """
 
 from __future__ import annotations
@@ -158,9 +156,8 @@ def check_ours(inp: dict, scale: float, causal: bool, rows: int | None = None,
             or check_close("lse", lse, want_lse, 1e-6, 8.01 / 65536, None))
 
 
-def correctness(swap: bool = False) -> list[dict]:
-    """FlashMLA-tolerance checks of the heuristic's config and forced split counts; ``swap``:
-    each of them with the swap-AB kernel as well (and 32-position tiles)."""
+def correctness() -> list[dict]:
+    """FlashMLA-tolerance checks of the heuristic's config and forced split counts."""
     results = []
     cases = [
         ("zero/mid-block rows, s_q=1, h16", 1, 16, [0, 1, 63, 64, 65, 700, 4097, 0], True),
@@ -178,7 +175,7 @@ def correctness(swap: bool = False) -> list[dict]:
                 inp = make_inputs(len(lens), s_q, h_q, 0, lens=lens, shuffle=True, seed=1,
                                   dtype=dtype)
                 why = check_ours(inp, D ** -0.5, causal)
-                for cfg in _forced_splits(len(lens), s_q * h_q, swap):
+                for cfg in _forced_splits(len(lens), s_q * h_q):
                     why = why or _tag(cfg, check_ours(inp, 0.1, causal, config=cfg))
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
@@ -187,13 +184,9 @@ def correctness(swap: bool = False) -> list[dict]:
     return results
 
 
-def _forced_splits(b: int, rows: int, swap: bool = False):
+def _forced_splits(b: int, rows: int):
     base = mla.mla_config(b, rows, 1 << 14, PAGE, D, DV, 2, _sms())
-    cfgs = [base._replace(num_splits=s) for s in (1, 3, 16)]
-    if swap:
-        cfgs += [c._replace(swap=True) for c in cfgs]
-        cfgs += [base._replace(block_n=32, num_splits=s, swap=True) for s in (1, 3)]
-    return cfgs
+    return [base._replace(num_splits=s) for s in (1, 3, 16)]
 
 
 def _tag(cfg, why: str | None) -> str | None:
@@ -201,17 +194,8 @@ def _tag(cfg, why: str | None) -> str | None:
 
 
 def _config_src(cfg) -> str:
-    """``MLAConfig(...)`` as it goes into ``MLA_CONFIGS`` (``swap`` only when set)."""
-    cfg = mla.MLAConfig(*cfg)
-    head = ", ".join(str(v) for v in cfg[:5])
-    return f"MLAConfig({head}, swap=True)" if cfg.swap else f"MLAConfig({head})"
-
-
-def swap_config(inp: dict):
-    """The heuristic's launch config for this case with the swap-AB kernel."""
-    b, s_q, h_q, _ = inp["q"].shape
-    cap = inp["table"].shape[1] * PAGE
-    return mla.mla_config(b, s_q * h_q, cap, PAGE, D, DV, 2, _sms())._replace(swap=True)
+    """``MLAConfig(...)`` as it goes into ``MLA_CONFIGS``."""
+    return f"MLAConfig({', '.join(str(v) for v in mla.MLAConfig(*cfg))})"
 
 
 # ----------------------------------------------------------------------------- competitors
@@ -360,31 +344,29 @@ def metrics(inp: dict, ms: float) -> dict[str, float]:
     return {"us": ms * 1e3, "TBps": nbytes / s / 1e12, "TFLOPs": flop / s / 1e12}
 
 
-def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict], dict]:
-    """Best config of the plain split kernel and, for <= 64 query rows, of the swap-AB one
-    (each: tiles, warps, stages at the heuristic's split count, then split counts around the
-    best); returns ``(best overall, tried, {"plain": (cfg, us), "swap": (cfg, us)})``."""
+def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict], float]:
+    """Best launch config (tiles, warps, stages at the heuristic's split count, then split
+    counts around the best); returns ``(best, tried, its µs)``."""
     b, s_q, h_q, _ = inp["q"].shape
     rows = s_q * h_q
     cap = inp["table"].shape[1] * PAGE
     base = mla.mla_config(b, rows, cap, PAGE, D, DV, 2, _sms())
-    block_hs = [16] if rows <= 16 else [32] if rows <= 32 else [32, 64]
+    # 32 rows (h16, s_q 2) also as two 16-row programs sharing each KV tile through L2
+    block_hs = [16] if rows <= 16 else [16, 32] if rows <= 32 else [32, 64]
     tried: list[dict] = []
 
     def run(cfg) -> float:
         fn = lambda: mla.flash_mla(inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV,
                                    scale, causal, config=cfg)
         try:
-            if cfg.swap:  # the new kernel: checked before it is timed
-                why = check_ours(inp, scale, causal, rows=4, config=cfg)
-                torch.cuda.synchronize()
-                if why is not None:
-                    raise AssertionError(f"vs reference: {why}")
             ms = bench(fn, rep=20)
+            torch.cuda.synchronize()  # a fault is named at the config that made it
         except Exception as exc:
             tried.append({"config": list(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            print(f"    {tuple(cfg)}: {tried[-1]['error']}", flush=True)
             return math.inf
         tried.append({"config": list(cfg), "us": ms * 1e3})
+        print(f"    {tuple(cfg)}: {ms * 1e3:.1f} us", flush=True)
         return ms
 
     def search(start, cfgs) -> tuple[Any, float]:
@@ -403,20 +385,43 @@ def sweep_case(inp: dict, scale: float, causal: bool) -> tuple[Any, list[dict], 
                     best, best_ms = cfg, ms
         return best, best_ms
 
-    found = {"plain": search(base, [
+    best, best_ms = search(base, [
         mla.MLAConfig(bh, bn, warps, stages, base.num_splits)
-        for bh in block_hs for bn in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)])}
-    if rows <= 64:
-        # swap-AB: the query rows are the dots' N (16..64); the KV tile's positions are M of
-        # the score product (wgmma: 64 per warpgroup), tiles no longer than a page
-        bh = max(16, triton.next_power_of_2(rows))
-        tiles = [bn for bn in (32, 64, 128) if bn <= PAGE]
-        start = base._replace(block_h=bh, swap=True)
-        found["swap"] = search(start, [
-            mla.MLAConfig(bh, bn, warps, stages, base.num_splits, True)
-            for bn in tiles for warps in (4, 8) for stages in (1, 2, 3)])
-    best, _ = min(found.values(), key=lambda f: f[1])
-    return best, tried, {k: (cfg, ms * 1e3) for k, (cfg, ms) in found.items()}
+        for bh in block_hs for bn in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)])
+    return best, tried, best_ms * 1e3
+
+
+def _constants(compiled: Any) -> dict[str, Any]:
+    """A compiled kernel's constexprs by name (Triton keys them by parameter index)."""
+    src = getattr(compiled, "src", None)
+    names = getattr(getattr(src, "fn", None), "arg_names", [])
+    out = {}
+    for key, value in (getattr(src, "constants", None) or {}).items():
+        index = key[0] if isinstance(key, tuple) and key else key
+        name = names[index] if isinstance(index, int) and index < len(names) else str(key)
+        if isinstance(value, (int, float, bool, str)):
+            out[name] = value
+    return out
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every compiled split kernel (Triton's per-device
+    kernel caches), with the constexprs that tell the variants apart."""
+    found = []
+    for caches in mla.SPLIT_KERNEL.jit().device_caches.values():
+        kernel_cache = caches[0] if isinstance(caches, tuple) else caches
+        for compiled in getattr(kernel_cache, "values", lambda: [])():
+            meta = getattr(compiled, "metadata", None)
+            found.append({
+                "n_regs": getattr(compiled, "n_regs", None),
+                "n_spills": getattr(compiled, "n_spills", None),
+                "shared": getattr(meta, "shared", None),
+                "num_warps": getattr(meta, "num_warps", None),
+                "num_stages": getattr(meta, "num_stages", None),
+                "constants": _constants(compiled),
+                "wgmma": "wgmma" in (getattr(compiled, "asm", {}) or {}).get("ptx", ""),
+            })
+    return found
 
 
 def main() -> int:
@@ -424,9 +429,10 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs (8k cases)")
     ap.add_argument("--sweep-all", action="store_true", help="sweep every case")
     ap.add_argument("--quick", action="store_true", help="4k and 8k only")
-    ap.add_argument("--swap", action="store_true",
-                    help="also time the swap-AB split kernel (row ours_swap)")
     ap.add_argument("--out", default=None, help="directory for mla.json")
+    ap.add_argument("--only", default=None,
+                    help="only the cases whose label contains one of these comma-separated "
+                         "texts (e.g. 'h128 s_q1,h16 s_q2 len4096')")
     args = ap.parse_args()
     t0 = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -435,7 +441,7 @@ def main() -> int:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "cases": []}
 
     print("correctness (FlashMLA tolerances vs the fp32 reference):")
-    report["correctness"] = correctness(swap=args.swap or args.sweep or args.sweep_all)
+    report["correctness"] = correctness()
 
     vllm_fwd, why = load_vllm_triton()
     print(f"vLLM TRITON_MLA: {why}")
@@ -455,6 +461,8 @@ def main() -> int:
         for s_q in (1, 2):
             for mean_len in lengths:
                 label = f"b128 h{h_q} s_q{s_q} len{mean_len}"
+                if args.only and not any(o in label for o in args.only.split(",")):
+                    continue
                 case: dict[str, Any] = {"case": label, "impls": {}}
                 report["cases"].append(case)
                 try:
@@ -475,36 +483,17 @@ def main() -> int:
                 fns: dict[str, Callable] = {}
                 fns["ours"] = lambda inp=inp: mla.flash_mla(
                     inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale, causal)
-                if args.swap:
-                    cfg = swap_config(inp)
-                    try:
-                        why_swap = check_ours(inp, scale, causal, rows=4, config=cfg)
-                        torch.cuda.synchronize()
-                    except Exception as exc:
-                        why_swap = f"{type(exc).__name__}: {exc}"
-                    case["spot_check_swap"] = why_swap or "ok"
-                    if why_swap is None:
-                        fns["ours_swap"] = lambda inp=inp, cfg=cfg: mla.flash_mla(
-                            inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale,
-                            causal, config=cfg)
-                    else:
-                        case["impls"]["ours_swap"] = {"error": f"spot check: {why_swap}"[:300]}
                 do_sweep = args.sweep_all or (args.sweep and mean_len == 8192)
                 if do_sweep:
                     try:
-                        best, tried, found = sweep_case(inp, scale, causal)
-                        case["sweep"] = {"best": list(best), "tried": tried,
-                                         **{f"best_{k}": {"config": list(c), "us": us}
-                                            for k, (c, us) in found.items()}}
+                        best, tried, best_us = sweep_case(inp, scale, causal)
+                        case["sweep"] = {"best": list(best), "us": best_us, "tried": tried}
                         b, rows = 128, s_q * h_q
                         cap = inp["table"].shape[1] * PAGE
                         key = (2, triton.next_power_of_2(rows), triton.next_power_of_2(cap),
                                triton.next_power_of_2(b))
-                        side = "; ".join(f"{k} {_config_src(c)} {us:.1f} us"
-                                         for k, (c, us) in found.items())
-                        print(f"  sweep {label}: {side}")
-                        print(f"  sweep {label}: best {best}  ->  MLA_CONFIGS[{key}] = "
-                              f"{_config_src(best)}")
+                        print(f"  sweep {label}: best {best} {best_us:.1f} us  ->  "
+                              f"MLA_CONFIGS[{key}] = {_config_src(best)}")
                         fns["ours_swept"] = lambda inp=inp, best=best: mla.flash_mla(
                             inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale,
                             causal, config=best)
@@ -521,7 +510,11 @@ def main() -> int:
                         fns["flashmla"] = flashmla_fn(fm_ops, inp, scale, causal)
                     except Exception as exc:
                         case["impls"]["flashmla"] = {"error": str(exc)[:300]}
-                if gems is not None and s_q == 1:
+                if gems is not None and s_q == 1 and mean_len > 8192:
+                    # FlagGems 5.0.2 faults (illegal address) at 32k lengths on the H200
+                    # (2026-12-01), which ends the process: not timed there
+                    case["impls"]["flaggems"] = {"error": "not run: faults at 32k lengths"}
+                elif gems is not None and s_q == 1:
                     fns["flaggems"] = flaggems_fn(gems, inp, causal)
                 for name, fn in fns.items():
                     try:
@@ -532,6 +525,14 @@ def main() -> int:
                 _print_case(label, case)
                 del inp
                 torch.cuda.empty_cache()
+    report["kernels"] = kernel_resources()
+    print("split kernels compiled (regs / spills / shared bytes / warps / stages / wgmma):")
+    for k in report["kernels"]:
+        c = k["constants"]
+        what = {n: c.get(n) for n in ("BLOCK_H", "BLOCK_N", "DIRECT")
+                if n in c} or c
+        print(f"  {k['n_regs']} / {k['n_spills']} / {k['shared']} / {k['num_warps']} / "
+              f"{k['num_stages']} / {k['wgmma']}  {what}")
     report["seconds"] = time.time() - t0
     print(f"total {report['seconds']:.0f} s")
     if args.out:
@@ -546,8 +547,7 @@ def _print_case(label: str, case: dict) -> None:
     timed = {k: v for k, v in impls.items() if "us" in v}
     others = [v["us"] for k, v in timed.items() if not k.startswith("ours")]
     fm = timed.get("flashmla", {}).get("us")
-    swap = f", swap kernel: {case['spot_check_swap']}" if "spot_check_swap" in case else ""
-    print(f"{label}  (spot check vs reference, first rows: {case.get('spot_check')}{swap})")
+    print(f"{label}  (spot check vs reference, first rows: {case.get('spot_check')})")
     for name, v in impls.items():
         if "us" not in v:
             print(f"  {'':26s} {name:14s} {v.get('error')}")

@@ -100,26 +100,18 @@ def make_case(b: int, s_q: int, h_q: int, d: int, page: int, lens: list[int], dt
     max_blocks = max(1, max(-(-n // page) for n in lens))
     num_blocks = b * max_blocks + extra_blocks
     qw = torch.randn(b, s_q, h_q, d + q_pad, generator=gen)
-    q = qw.to(dtype)[..., :d]
+    q = qw.to(dtype)  # sliced on the device below: a strided view there too
     kv = (torch.randn(num_blocks, page, 1, d, generator=gen) / 10).to(dtype)
     perm = torch.randperm(num_blocks, generator=gen)[: b * max_blocks]
     table = perm.view(b, max_blocks).to(torch.int32)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     dev = torch.device(DEVICE)
-    return q.to(dev), kv.to(dev), table.to(dev), seqlens.to(dev)
+    return q.to(dev)[..., :d], kv.to(dev), table.to(dev), seqlens.to(dev)
 
 
-def check(q, kv, table, seqlens, dv, scale, causal, config=None, swap=False):
-    """Our kernels vs the reference. ``swap``: the swap-AB split kernel, with ``config`` or
-    else the heuristic's config (whose default is the plain kernel)."""
+def check(q, kv, table, seqlens, dv, scale, causal, config=None):
+    """Our kernels (with ``config``, else the heuristic's) vs the reference."""
     mla = _mla()
-    if swap:
-        if config is None:
-            b, s_q, h_q, d = q.shape
-            page = kv.shape[1]
-            config = mla.mla_config(b, s_q * h_q, table.shape[1] * page, page, d, dv,
-                                    q.element_size(), mla._num_sms(q.get_device()))
-        config = mla.MLAConfig(*config)._replace(swap=True)
     out, lse = mla.flash_mla(q, kv, table, seqlens, dv, scale, causal, config=config)
     want_out, want_lse = reference(q, kv, table, seqlens, dv, scale, causal)
     b, s_q, h_q, _ = q.shape
@@ -210,28 +202,21 @@ def test_reference_low_precision_output_dtype() -> None:
 LENS = [0, 70, 129]  # empty row, a row ending mid-block, one just past two blocks
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "swap"])
-def swap(request) -> bool:
-    """Every kernel case runs the plain split kernel and its swap-AB variant (``SWAP``)."""
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("s_q,causal", [(1, True), (2, True), (2, False)])
-def test_deepseek_shapes(dtype, s_q: int, causal: bool, swap: bool) -> None:
+def test_deepseek_shapes(dtype, s_q: int, causal: bool) -> None:
     """d 576 / dv 512 / page 64, three query heads (masked rows), heuristic config (here one
     split per row: direct write) and a forced 3-way split (combine kernel)."""
     mla = _mla()
     q, kv, table, seqlens = make_case(3, s_q, 3, extra_blocks=3, lens=LENS, dtype=dtype,
                                       d=576, page=64, seed=s_q)
     scale = 576 ** -0.5
-    check(q, kv, table, seqlens, 512, scale, causal, swap=swap)
-    check(q, kv, table, seqlens, 512, scale, causal, config=mla.MLAConfig(16, 32, 4, 1, 3),
-          swap=swap)
+    check(q, kv, table, seqlens, 512, scale, causal)
+    check(q, kv, table, seqlens, 512, scale, causal, config=mla.MLAConfig(16, 32, 4, 1, 3))
 
 
 @pytest.mark.parametrize("block_n,splits", [(16, 4), (32, 2), (64, 1)])
-def test_small_head_dim_pages_and_splits(block_n: int, splits: int, swap: bool) -> None:
+def test_small_head_dim_pages_and_splits(block_n: int, splits: int) -> None:
     """d 96 / dv 64, pages of 16 (a 32- or 64-position tile is clamped to the page: one page
     per tile); splits with more splits than tiles (empty splits), a custom scale."""
     mla = _mla()
@@ -239,11 +224,11 @@ def test_small_head_dim_pages_and_splits(block_n: int, splits: int, swap: bool) 
                                       extra_blocks=5, seed=block_n)
     for causal in (True, False):
         check(q, kv, table, seqlens, 64, 0.37, causal,
-              config=mla.MLAConfig(16, block_n, 4, 1, splits), swap=swap)
+              config=mla.MLAConfig(16, block_n, 4, 1, splits))
 
 
 @pytest.mark.parametrize("splits", [1, 2])
-def test_tiles_spanning_pages(splits: int, swap: bool) -> None:
+def test_tiles_spanning_pages(splits: int) -> None:
     """Pages of 24 positions: 16-position tiles straddle pages, so each position looks up its
     own page (``TILE_IN_PAGE`` false); causal and not, s_q 2, direct and split."""
     mla = _mla()
@@ -251,37 +236,34 @@ def test_tiles_spanning_pages(splits: int, swap: bool) -> None:
                                       extra_blocks=2, seed=11)
     for causal in (True, False):
         check(q, kv, table, seqlens, 64, 0.2, causal,
-              config=mla.MLAConfig(16, 16, 4, 1, splits), swap=swap)
+              config=mla.MLAConfig(16, 16, 4, 1, splits))
 
 
-def test_many_query_rows_span_head_blocks(swap: bool) -> None:
-    """s_q * h_q = 40 rows over three 16-row programs per batch row (two of 32, one of 64:
-    the swap kernel's widest N); causal."""
+def test_many_query_rows_span_head_blocks() -> None:
+    """s_q * h_q = 40 rows over three 16-row programs per batch row (two of 32, one of 64
+    with 24 rows masked); causal."""
     mla = _mla()
     q, kv, table, seqlens = make_case(2, 2, 20, 96, 16, [3, 50], torch.bfloat16, seed=5)
-    check(q, kv, table, seqlens, 64, 0.1, True, config=mla.MLAConfig(16, 16, 4, 1, 2),
-          swap=swap)
-    check(q, kv, table, seqlens, 64, 0.1, True, config=mla.MLAConfig(32, 32, 4, 1, 1),
-          swap=swap)
-    check(q, kv, table, seqlens, 64, 0.1, True, config=mla.MLAConfig(64, 16, 4, 1, 2),
-          swap=swap)
+    check(q, kv, table, seqlens, 64, 0.1, True, config=mla.MLAConfig(16, 16, 4, 1, 2))
+    check(q, kv, table, seqlens, 64, 0.1, True, config=mla.MLAConfig(32, 32, 4, 1, 1))
+    check(q, kv, table, seqlens, 64, 0.1, True, config=mla.MLAConfig(64, 16, 4, 1, 2))
 
 
-def test_fp32_exact_strided_q_and_no_rope(swap: bool) -> None:
+def test_fp32_exact_strided_q_and_no_rope() -> None:
     """fp32 agrees with the reference to summation order; q a strided view; d == dv (no rope
     part); lengths 1 and s_q - 1 (causal: query 0 sees nothing)."""
     q, kv, table, seqlens = make_case(3, 2, 2, 64, 16, [1, 1, 40], torch.float32, q_pad=32,
                                       seed=7)
     assert not q.is_contiguous()
-    out, lse = check(q, kv, table, seqlens, 64, 0.25, True, swap=swap)
+    out, lse = check(q, kv, table, seqlens, 64, 0.25, True)
     assert lse[0, :, 0].eq(math.inf).all() and out[0, 0].eq(0).all()
 
 
-def test_lengths_beyond_the_table_are_clamped(swap: bool) -> None:
+def test_lengths_beyond_the_table_are_clamped() -> None:
     """A length the table cannot address reads only what the table holds (as the reference)."""
     q, kv, table, seqlens = make_case(2, 1, 2, 96, 16, [20, 32], torch.float32, seed=3)
     seqlens = torch.tensor([20, 10_000], dtype=torch.int32, device=seqlens.device)
-    check(q, kv, table, seqlens, 64, 0.2, False, swap=swap)
+    check(q, kv, table, seqlens, 64, 0.2, False)
 
 
 def test_config_from_shapes_only() -> None:
@@ -292,27 +274,29 @@ def test_config_from_shapes_only() -> None:
     big = mla.mla_config(128, 128, 4096, 64, 576, 512, 2, 132)
     assert big.block_h == 64
     assert mla.mla_config(4, 16, 64, 64, 576, 512, 2, 132).num_splits == 1
-    assert not small.swap and not big.swap  # swap-AB: only from MLA_CONFIGS until measured
 
 
-def test_config_table_entries_old_and_new(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``MLA_CONFIGS`` entries of five fields (before ``swap``) keep working, six-field ones
-    select the swap kernel; ``config=`` takes a plain 5- or 6-tuple too."""
+def test_config_table_entries_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``MLA_CONFIGS`` entry (keyed by dtype bytes and the power-of-two buckets of rows,
+    capacity and batch) replaces the heuristic for every shape in its buckets; ``config=``
+    takes a plain 5-tuple too."""
     mla = _mla()
     key = (2, 16, 4096, 128)
     mla.mla_config.cache_clear()
     try:
+        heuristic = mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132)
         monkeypatch.setitem(mla.MLA_CONFIGS, key, mla.MLAConfig(16, 32, 8, 1, 4))
-        assert mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132) == (16, 32, 8, 1, 4, False)
         mla.mla_config.cache_clear()
-        monkeypatch.setitem(mla.MLA_CONFIGS, key, (16, 64, 4, 2, 8, True))
-        cfg = mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132)
-        assert isinstance(cfg, mla.MLAConfig) and cfg.swap and cfg.num_splits == 8
+        assert heuristic != (16, 32, 8, 1, 4)
+        assert mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132) == (16, 32, 8, 1, 4)
+        assert mla.mla_config(100, 15, 3000, 64, 576, 512, 2, 132) == (16, 32, 8, 1, 4)
+        assert mla.mla_config(128, 16, 8192, 64, 576, 512, 2, 132) != (16, 32, 8, 1, 4)
     finally:
         mla.mla_config.cache_clear()
+    # the H200 sweep's entry for h16 s_q2 at 4k-class capacities: 8 splits
+    assert mla.mla_config(128, 32, 10_000, 64, 576, 512, 2, 132) == (32, 64, 4, 2, 8)
     q, kv, table, seqlens = make_case(2, 1, 16, 96, 16, [5, 40], torch.float32, seed=2)
-    for config in ((16, 16, 4, 1, 2), (16, 16, 4, 1, 2, True)):
-        check(q, kv, table, seqlens, 64, 0.3, True, config=config)
+    check(q, kv, table, seqlens, 64, 0.3, True, config=(16, 16, 4, 1, 2))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -21,24 +21,16 @@ page id is one scalar load and the tile's addresses are contiguous; otherwise ea
 looks up its own page. ``DOT_F32`` (Triton's CPU interpreter only, whose ``dot`` multiplies
 16-bit floats as raw bits): operands are widened to fp32 first, exact for bf16/fp16 products.
 
-``SWAP`` (swap-AB, for few query rows): the same computation with both products transposed, so
-that the *large* dimension is the dot's M. Hopper's warpgroup MMA (wgmma) needs M = 64 per
-warpgroup; with ``BLOCK_H`` = 16 or 32 query rows as M (h_q = 16 at s_q = 1 or 2, the
-memory-bound decode shapes) Triton falls back to mma.sync or pads M, and the kernel becomes
-compute-limited (~110-140 TFLOP/s on an H200) well below the memory roofline. Swapped:
-``s^T [BLOCK_N, BLOCK_H] = kv[:, :DV] @ q[:, :DV]^T + kv[:, DV:] @ q[:, DV:]^T`` (M = the
-tile's positions) and ``acc^T [DV, BLOCK_H] += kv[:, :DV]^T @ p^T`` (M = the 512 latent
-channels; ``kv[:, :DV]^T`` is ``tl.trans`` of the same loaded tile), the query rows being N
-(16..64, a multiple of 8 as wgmma wants); the score product needs ``BLOCK_N >= 64`` (per
-warpgroup) to be a wgmma, and since wgmma reads the tile from shared memory a pipelined loop
-(``num_stages >= 2``) double-buffers it (~164 KB at 16 rows: one program per SM; one stage:
-~92 KB, two). The online softmax runs along axis 0 (positions)
-per column (query row); ``m_i``/``l_i`` stay ``[BLOCK_H]`` vectors; the epilogue writes
-``(acc^T / l)^T``. Masks, lse, zero-length rows, splits and the workspace layout are those of
-the plain kernel: only which axis holds the query rows changes (``AX_R``; positions and
-channels lie along ``AX_N``). Measured on an H200 with Triton 3.6 (2026-11-30,
-``docs/performance.md``): slower than the plain kernel in every case (0.78-0.83x at h_q 16,
-0.57x at 128), so the heuristic never picks it; ``bench/mla.py --sweep`` still tries it.
+A swap-AB variant (scores as ``kv @ q^T``, so that the tile's positions, not 16 or 32 query
+rows, are the warpgroup MMA's M) was built and measured on an H200 with Triton 3.6
+(2026-11-30 and 2026-12-01, ``docs/performance.md``): 0.78-0.83x this kernel at h_q 16, 0.57x
+at 128, and one of its configs (64-position tiles, one stage) faulted with an illegal address.
+It was removed. Compiled resources of the h_q 128 config (64 rows, 64 positions, 8 warps, 2
+stages): 255 registers, no spills, 221 KB of shared memory, wgmma; a lazy rescale (skip
+``acc *= alpha`` unless a row's max grew by more than 2^8) spilled 54 registers and took 1.49x.
+What is left to FlashMLA there (about 0.5x) is that one program runs its two MMAs and the
+softmax one after the other; FlashMLA overlaps them with warp-specialised warpgroups, which
+Triton 3.6's automatic warp specialisation does not do on Hopper.
 """
 
 from __future__ import annotations
@@ -59,12 +51,8 @@ def mla_split_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, SWAP: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
-    # the axis of a 2-D tile (scores, accumulator) that holds the query rows, and the other one
-    # (KV positions of the scores, channels of the accumulator): [rows, .] or, SWAP, [., rows]
-    AX_R: tl.constexpr = 1 if SWAP else 0
-    AX_N: tl.constexpr = 0 if SWAP else 1
     pid_h = tl.program_id(0)
     pid_sp = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -98,17 +86,10 @@ def mla_split_kernel(
         q_nope = q_nope.to(tl.float32)
         if BLOCK_DR > 0:
             q_rope = q_rope.to(tl.float32)
-    if SWAP:  # q^T [d, BLOCK_H]: the right-hand (N) operand of s^T = kv @ q^T
-        q_nope = tl.trans(q_nope)
-        if BLOCK_DR > 0:
-            q_rope = tl.trans(q_rope)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_H,), 0.0, tl.float32)
-    if SWAP:
-        acc = tl.full((BLOCK_DV, BLOCK_H), 0.0, tl.float32)  # acc^T
-    else:
-        acc = tl.full((BLOCK_H, BLOCK_DV), 0.0, tl.float32)
+    acc = tl.full((BLOCK_H, BLOCK_DV), 0.0, tl.float32)
     bt_row = bt_ptr + pid_b.to(tl.int64) * stride_bt
     offs_n0 = tl.arange(0, BLOCK_N)
 
@@ -126,52 +107,43 @@ def mla_split_kernel(
         p_ty = kv.dtype
         if DOT_F32:
             kv = kv.to(tl.float32)
-        if SWAP:  # s^T [BLOCK_N, BLOCK_H] = kv @ q^T
-            qk = tl.dot(kv, q_nope, input_precision=PREC)
-        else:     # s [BLOCK_H, BLOCK_N] = q @ kv^T
-            qk = tl.dot(q_nope, tl.trans(kv), input_precision=PREC)
+        qk = tl.dot(q_nope, tl.trans(kv), input_precision=PREC)  # [BLOCK_H, BLOCK_N]
         if BLOCK_DR > 0:
             k_rope = tl.load(kv_ptr + tok[None, :] + DV + offs_dr[:, None],
                              mask=n_mask[None, :] & dr_mask[:, None], other=0.0)
             if DOT_F32:
                 k_rope = k_rope.to(tl.float32)
-            if SWAP:
-                qk = tl.dot(tl.trans(k_rope), q_rope, qk, input_precision=PREC)
-            else:
-                qk = tl.dot(q_rope, k_rope, qk, input_precision=PREC)
+            qk = tl.dot(q_rope, k_rope, qk, input_precision=PREC)
         qk = qk * scale_log2
-        # online softmax over the positions (axis AX_N), one column/row per query row
-        visible = tl.expand_dims(offs_n, AX_R) < tl.expand_dims(limit, AX_N)
+        # online softmax over the positions (axis 1), one row per query row
+        visible = offs_n[None, :] < limit[:, None]
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(qk, AX_N, _max))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(qk - tl.expand_dims(m_use, AX_N))
-        l_i = l_i * alpha + tl.reduce(p, AX_N, _sum)
-        acc = acc * tl.expand_dims(alpha, AX_N)
+        p = tl.math.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum)
+        acc = acc * alpha[:, None]
         p = p.to(p_ty)  # P rounded to the cache dtype, as on the tensor cores
         if DOT_F32:
             p = p.to(tl.float32)
-        if SWAP:  # acc^T [DV, BLOCK_H] += v^T @ p^T (v^T: the same latent tile, transposed)
-            acc = tl.dot(tl.trans(kv), p, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(p, kv, acc, input_precision=PREC)
+        acc = tl.dot(p, kv, acc, input_precision=PREC)
         m_i = m_new
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
-    out = acc / tl.expand_dims(l_safe, AX_N)  # SWAP: out^T, stored through transposed offsets
+    out = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # ln 2: base-2 lse to natural
     o_rows = o_ptr + pid_b.to(tl.int64) * stride_ob + pid_sp * stride_osp + rows * stride_om
-    o_ptrs = tl.expand_dims(o_rows, AX_N) + tl.expand_dims(offs_dv, AX_R)
+    o_ptrs = o_rows[:, None] + offs_dv[None, :]
     l_rows = (lse_ptr + pid_b.to(tl.int64) * stride_lb + pid_sp * stride_lsp
               + h_idx * stride_lh + s_idx * stride_ls)
     if DIRECT:
-        o_mask = tl.expand_dims(row_mask, AX_N) & tl.expand_dims(dv_mask, AX_R)
+        o_mask = row_mask[:, None] & dv_mask[None, :]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
         tl.store(l_rows, tl.where(has, lse, float("inf")), mask=row_mask)
     else:
-        o_mask = tl.expand_dims(row_mask & has, AX_N) & tl.expand_dims(dv_mask, AX_R)
+        o_mask = (row_mask & has)[:, None] & dv_mask[None, :]
         tl.store(o_ptrs, out, mask=o_mask)
         tl.store(l_rows, tl.where(has, lse, float("-inf")), mask=row_mask)
 

@@ -51,7 +51,6 @@ class MLAConfig(NamedTuple):
     num_warps: int
     num_stages: int
     num_splits: int   # KV splits per row (1: no combine kernel)
-    swap: bool = False  # swap-AB split kernel: positions/channels as the dots' M (few rows)
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,7 +60,13 @@ def _num_sms(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-MLA_CONFIGS: dict[tuple, MLAConfig] = {}
+MLA_CONFIGS: dict[tuple, MLAConfig] = {
+    # H200, bf16, B=128, lengths ~ normal(mean, mean/2): `python3 bench/mla.py --sweep-all
+    # --only ...` (2026-12-01); where the sweep beat the heuristic (its time in brackets)
+    (2, 16, 16384, 128): MLAConfig(16, 64, 4, 2, 8),    # h16 s_q1 4k: 186.7 us (190.1)
+    (2, 32, 16384, 128): MLAConfig(32, 64, 4, 2, 8),    # h16 s_q2 4k: 276.9 us (299.7)
+    (2, 256, 131072, 128): MLAConfig(64, 64, 8, 2, 4),  # h128 s_q2 32k: 8064 us (8582)
+}
 """Sweep results written back: ``(dtype_bytes, rows_bucket, capacity_bucket, batch_bucket)``
 -> config; consulted before the heuristic (``bench/mla.py --sweep`` prints the entries)."""
 
@@ -83,9 +88,8 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
     """
     key = (dtype_bytes, pow2(rows), pow2(max(capacity, 1)), pow2(batch))
     hit = MLA_CONFIGS.get(key)
-    swap = False  # the swap-AB kernel only from the table until measured (bench --sweep)
     if hit is not None:
-        block_h, block_n, warps, stages, splits, swap = MLAConfig(*hit)
+        block_h, block_n, warps, stages, splits = MLAConfig(*hit)
     else:
         # H200 sweep (2026-11-30, B=128, 8k varlen; docs/performance.md): 4 warps for the
         # memory-bound shapes, 64-position tiles everywhere, about 8 waves of splits when
@@ -106,7 +110,7 @@ def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
         if splits > most:
             splits //= 2
     block_n = max(16, min(block_n, pow2(page)))
-    return MLAConfig(block_h, block_n, warps, stages, max(1, splits), swap)
+    return MLAConfig(block_h, block_n, warps, stages, max(1, splits))
 
 
 def _bad(name: str, value: Any, valid: str) -> ValueError:
@@ -144,8 +148,8 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
               causal: bool = True, max_seqlen_k: int | None = None,
               config: MLAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention; see the module docstring. ``config`` overrides the launch
-    configuration (for sweeps; an ``MLAConfig`` or a plain tuple of its first five fields or
-    all six); ``max_seqlen_k`` is an optional static bound checked against the table's
+    configuration (for sweeps; an ``MLAConfig`` or a plain tuple of its five fields);
+    ``max_seqlen_k`` is an optional static bound checked against the table's
     capacity."""
     check_args("flash_mla", q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                causal)
@@ -162,9 +166,9 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
     dev = q.get_device()
     if config is None:
         config = mla_config(b, rows, capacity, page, d, dv, q.element_size(), _num_sms(dev))
-    if not isinstance(config, MLAConfig):  # a plain 5- or 6-tuple
+    if not isinstance(config, MLAConfig):  # a plain 5-tuple
         config = MLAConfig(*config)
-    block_h, block_n, warps, stages, splits, swap = config
+    block_h, block_n, warps, stages, splits = config
     block_n = max(16, min(block_n, pow2(page)))
     tile_in_page = page % block_n == 0
     block_dv = max(16, pow2(dv))
@@ -187,7 +191,7 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
             q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1),
             block_table.stride(0), *o_strides, *l_strides)
     consts = (d, dv, block_dv, block_dr, page, block_h, block_n, tile_in_page, direct, prec,
-              dot_f32, bool(swap))
+              dot_f32)
     tensors = (q, kv_cache, block_table, cache_seqlens, o_buf, l_buf)
     key = ("split", q.dtype, *(t.data_ptr() & 15 for t in tensors), ints, consts, warps,
            stages, dev)
