@@ -3,12 +3,15 @@ and FlagGems, on one GPU. Run from the repository root (no install, no network):
 
     python bench/moe_routing.py [--sweep] [--quick] [--out DIR]
     python bench/moe_routing.py --align-variants [--out DIR]
+    (either: [--tokens 16,64,256] [--experts 128,256] [--ops moe_align,grouped_topk])
 
 1. Correctness of every impl against ``fl_dispatch/core/ops/moe.py`` on the GPU,
    random inputs and injected ties (routing ids exactly, weights 1e-5 relative; align:
    ``num_tokens_post_pad``, used ``experts_ids``, per-block token sets).
 2. ``--sweep``: times the launch-config candidates of each of our kernels and prints the best
-   per size (write them back into ``backends/flagos/moe_routing.py``'s ``*_config``).
+   per size (write them back into ``backends/flagos/moe_routing.py``'s ``*_config``);
+   for ``moe_align`` the ``fan`` path's (CHUNK routes per program, num_warps; each candidate
+   checked against the reference first) and v1's ``align_config`` while ALIGN_PLAN uses v1.
 3. Side-by-side device time, ``triton.testing.do_bench_cudagraph`` median (CUDA-graph
    replay: also proves our adapters are capturable), one table: op, shape, T, impl, us,
    ratio to the best OTHER impl. JSON to ``--out``.
@@ -18,6 +21,10 @@ and FlagGems, on one GPU. Run from the repository root (no install, no network):
    T = 1..16384 for (E8, k2), (E128, k8), (E256, k8), block 64; each checked against the
    reference (``align_mismatch``) before it is timed; a table, the winners per shape and a
    replacement ``ALIGN_PLAN`` for ``backends/flagos/moe_routing.py``.
+
+``--tokens``/``--experts``/``--ops`` narrow the sizes, the (E, k) shapes of topk_softmax and
+moe_align, and the ops of the sweep and the timing table (the correctness pass stays whole;
+``--skip-check`` skips it): a short run on the sizes in question.
 
 vLLM's ops come from ``.gpu-ops/vllm_moe_C.so.xz`` when carried (0.25 schemas); FlagGems when
 ``import flag_gems`` works. Every impl is guarded: a failure prints and the run goes on.
@@ -61,7 +68,8 @@ def _load_reference():
 ref = _load_reference()
 DEV = "cuda"
 TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
-TOPK_SHAPES = ((8, 2), (128, 8), (256, 8))  # (E, k)
+OPS = ("topk_softmax", "grouped_topk", "moe_align", "moe_sum")
+TOPK_SHAPES = [(8, 2), (128, 8), (256, 8)]  # (E, k); --experts narrows it in place
 GROUPED = (256, 8, 4, 8)  # E, groups, keep, k (sigmoid, bias)
 ALIGN_BS = 64
 SUM_H, SUM_K = 4096, 8
@@ -338,42 +346,44 @@ def check_all(impls) -> list[str]:
 
 # ----------------------------------------------------------------------------- cases
 
-def cases(impls, tokens) -> list[tuple[str, str, int, str, Callable]]:
-    """(op, shape, T, impl, fn) for the timing table; inputs made once per (op, shape, T)."""
+def cases(impls, tokens, ops: frozenset[str] = frozenset(OPS),
+          ) -> list[tuple[str, str, int, str, Callable]]:
+    """(op, shape, T, impl, fn) for the timing table, the ops in ``ops``; inputs made once per
+    (op, shape, T)."""
     out = []
-    for e, k in TOPK_SHAPES:
+    for e, k in TOPK_SHAPES if "topk_softmax" in ops else ():
         for t in tokens:
             g = topk_inputs(t, e, k, seed=t)
             o = _routing_out(t, k)
-            for impl, ops in impls.items():
-                if "topk_softmax" in ops:
-                    fn = ops["topk_softmax"]
+            for impl, fns in impls.items():
+                if "topk_softmax" in fns:
+                    fn = fns["topk_softmax"]
                     out.append(("topk_softmax", f"E{e} k{k}", t, impl,
                                 lambda fn=fn, o=o, g=g: fn(*o, g, True, None)))
     e, ng, tg, k = GROUPED
     bias = (torch.randn(e, device=DEV, generator=_gen(2)) * 0.05).to(torch.bfloat16)
-    for t in tokens:
+    for t in tokens if "grouped_topk" in ops else ():
         s = topk_inputs(t, e, k, seed=t)
-        for impl, ops in impls.items():
-            if "grouped_topk" in ops:
-                fn = ops["grouped_topk"]
+        for impl, fns in impls.items():
+            if "grouped_topk" in fns:
+                fn = fns["grouped_topk"]
                 out.append(("grouped_topk", f"E{e} g{ng}/{tg} k{k} sig", t, impl,
                             lambda fn=fn, s=s: fn(s, ng, tg, k, True, 2.5, bias, 1)))
-    for e, k in TOPK_SHAPES:
+    for e, k in TOPK_SHAPES if "moe_align" in ops else ():
         for t in tokens:
             ids = align_inputs(t, e, k, seed=t)
             bufs = align_buffers(ids, e, ALIGN_BS)
-            for impl, ops in impls.items():
-                if "moe_align" in ops:
-                    fn = ops["moe_align"]
+            for impl, fns in impls.items():
+                if "moe_align" in fns:
+                    fn = fns["moe_align"]
                     out.append(("moe_align", f"E{e} k{k} bs{ALIGN_BS}", t, impl,
                                 lambda fn=fn, ids=ids, e=e, b=bufs: fn(ids, e, ALIGN_BS, *b)))
-    for t in tokens:
+    for t in tokens if "moe_sum" in ops else ():
         x = torch.randn(t, SUM_K, SUM_H, device=DEV).to(torch.bfloat16)
         o = torch.empty(t, SUM_H, dtype=torch.bfloat16, device=DEV)
-        for impl, ops in impls.items():
-            if "moe_sum" in ops:
-                fn = ops["moe_sum"]
+        for impl, fns in impls.items():
+            if "moe_sum" in fns:
+                fn = fns["moe_sum"]
                 out.append(("moe_sum", f"k{SUM_K} H{SUM_H} bf16", t, impl,
                             lambda fn=fn, x=x, o=o: fn(x, o)))
     return out
@@ -387,8 +397,9 @@ def bench_us(fn: Callable, rep: int) -> float:
 
 # ----------------------------------------------------------------------------- sweep
 
-def sweep(tokens, rep: int) -> list[dict]:
-    """Time the launch-config candidates of our kernels (patching ``mr.*_config``)."""
+def sweep(tokens, rep: int, ops: frozenset[str] = frozenset(OPS)) -> list[dict]:
+    """Time the launch-config candidates of our kernels (patching ``mr.*_config``) for the ops
+    in ``ops``."""
     rows: list[dict] = []
 
     def run(op, shape, t, name, cands, call):
@@ -412,7 +423,7 @@ def sweep(tokens, rep: int) -> list[dict]:
     def pow2(n):
         return 1 << max(n - 1, 0).bit_length()
 
-    for e, k in TOPK_SHAPES:
+    for e, k in TOPK_SHAPES if "topk_softmax" in ops else ():
         for t in tokens:
             if _late():
                 return rows
@@ -430,7 +441,7 @@ def sweep(tokens, rep: int) -> list[dict]:
             run("topk_softmax", f"E{e} k{k}", t, "topk_softmax_config", cands, call)
     e, ng, tg, k = GROUPED
     bias = (torch.randn(e, device=DEV) * 0.05).to(torch.bfloat16)
-    for t in tokens:
+    for t in tokens if "grouped_topk" in ops else ():
         if _late():
             return rows
         s = topk_inputs(t, e, k, seed=t)
@@ -442,7 +453,7 @@ def sweep(tokens, rep: int) -> list[dict]:
         cands = [(bt, w) for bt in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8)
                  if bt <= pow2(t) and bt * 256 >= 32 * w]
         run("grouped_topk", f"E{e}", t, "grouped_topk_config", cands, gcall)
-    for e, k in TOPK_SHAPES:
+    for e, k in TOPK_SHAPES if "moe_align" in ops else ():
         for t in tokens:
             if _late():
                 return rows
@@ -461,8 +472,33 @@ def sweep(tokens, rep: int) -> list[dict]:
             if n >= 1024:
                 cands += [(False, tile, w, sw) for tile in (256, 512, 1024, 2048, 4096)
                           for w in (2, 4, 8) for sw in (4, 8, 16) if tile < n]
-            run("moe_align", f"E{e} k{k}", t, "align_config", cands, acall)
-    for t in tokens:
+            if any(row[1] == "v1" for row in mr.ALIGN_PLAN):  # else align_config is unused
+                run("moe_align", f"E{e} k{k}", t, "align_config", cands, acall)
+            if n > mr.FAN_MAX_NUMEL:
+                continue
+            fan = mr.moe_align_variant("fan")
+
+            def fcall(ids=ids, e=e, b=bufs, fan=fan):
+                fan(ids, e, ALIGN_BS, *b)
+
+            fcall.cfg_args = (n, e, "fan")
+            fan_cands = []
+            for chunk in (16, 32, 64, 128):
+                for w in (1, 2, 4, 8):
+                    if chunk > max(16, pow2(n)) or -(-n // chunk) > 1024:
+                        continue
+                    orig = mr.align_v2_config
+                    mr.align_v2_config = lambda *a, c=(chunk, w): c  # type: ignore[assignment]
+                    try:
+                        msg = _align_mismatch(fan, ids, e)
+                    finally:
+                        mr.align_v2_config = orig  # type: ignore[assignment]
+                    if msg is None:
+                        fan_cands.append((chunk, w))
+                    else:
+                        print(f"  sweep moe_align fan E{e} T{t} {(chunk, w)}: FAIL {msg}")
+            run("moe_align fan", f"E{e} k{k}", t, "align_v2_config", fan_cands, fcall)
+    for t in tokens if "moe_sum" in ops else ():
         if _late():
             return rows
         x = torch.randn(t, SUM_K, SUM_H, device=DEV).to(torch.bfloat16)
@@ -484,6 +520,7 @@ ALIGN_LABELS: tuple[tuple[str, int, int], ...] = (
     ("v1", 0, 0), ("one", 0, 0), ("one", 0, 1), ("one", 0, 8), ("one_cmp", 0, 0),
     ("one_cmp", 0, 1), ("one_cmp", 0, 2), ("two", 256, 0), ("two", 1024, 0), ("two", 2048, 0),
     ("two", 4096, 0), ("two", 8192, 0), ("two_cmp", 256, 0), ("two_cmp", 1024, 0),
+    ("fan", 0, 0), ("fan", 16, 0), ("fan", 32, 0), ("fan", 64, 0), ("fan", 0, 2), ("fan", 0, 8),
 )
 """(variant, block, num_warps) of ours timed by --align-variants (0: the variant's default)."""
 
@@ -502,6 +539,9 @@ def _align_applies(variant: str, block: int, warps: int, numel: int) -> bool:
         return numel <= 32768 and (warps < 8 or numel >= 1024)
     if variant in ("two", "two_cmp"):  # 2..256 programs
         return 256 <= numel and block <= max(1024, numel) and numel <= 256 * block
+    if variant == "fan":  # 2..512 programs, all routes in each program's registers
+        return (32 <= numel <= mr.FAN_MAX_NUMEL and block <= numel
+                and numel <= 512 * (block or 64))
     return True
 
 
@@ -523,9 +563,10 @@ def _align_mismatch(fn: Callable, ids: torch.Tensor, e: int) -> str | None:
     return None
 
 
-def align_variants(impls, rep: int, deadline_s: float) -> dict[str, Any]:
-    """Time every align variant of ours and the other impls; print the table, the winners
-    and a suggested ALIGN_PLAN."""
+def align_variants(impls, rep: int, deadline_s: float,
+                   tokens: tuple[int, ...] = TOKENS) -> dict[str, Any]:
+    """Time every align variant of ours and the other impls at ``tokens``; print the table,
+    the winners and a suggested ALIGN_PLAN (over the sizes measured only)."""
     t_start = time.time()
     others = {impl: ops["moe_align"] for impl, ops in impls.items()
               if impl in ("vllm", "flaggems") and "moe_align" in ops}
@@ -536,7 +577,7 @@ def align_variants(impls, rep: int, deadline_s: float) -> dict[str, Any]:
     numels: dict[tuple[str, int], int] = {}
     for e, k in TOPK_SHAPES:
         shape = f"E{e} k{k}"
-        for t in TOKENS:
+        for t in tokens:
             if time.time() - t_start > deadline_s:
                 print(f"deadline: stopped before {shape} T{t}")
                 break
@@ -589,7 +630,7 @@ def align_variants(impls, rep: int, deadline_s: float) -> dict[str, Any]:
     for e, k in TOPK_SHAPES:
         shape = f"E{e} k{k}"
         parts = []
-        for t in TOKENS:
+        for t in tokens:
             w = winners.get((shape, t))
             if w:
                 rel = f" {w[1] / w[2]:.2f}x" if w[2] else ""
@@ -649,8 +690,21 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--align-variants", action="store_true",
                     help="only: time every moe_align variant of ours vs vLLM and FlagGems")
+    ap.add_argument("--tokens", default=None, help="comma list of T (default: all/--quick)")
+    ap.add_argument("--experts", default=None,
+                    help="comma list of E: only those (E, k) shapes of topk_softmax/moe_align")
+    ap.add_argument("--ops", default=",".join(OPS),
+                    help="comma list of ops for --sweep and the timing table")
     args = ap.parse_args()
     tokens = (1, 64, 16384) if args.quick else TOKENS
+    if args.tokens:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+    if args.experts:
+        keep = {int(e) for e in args.experts.split(",")}
+        TOPK_SHAPES[:] = [s for s in TOPK_SHAPES if s[0] in keep]
+    ops = frozenset(args.ops.split(","))
+    if not ops <= set(OPS):
+        ap.error(f"--ops: unknown {sorted(ops - set(OPS))}; known {OPS}")
     rep = 10 if args.quick else 20
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}")
@@ -659,7 +713,7 @@ def main() -> int:
                               "torch": torch.__version__, "triton": triton.__version__,
                               "impls": {k: sorted(v) for k, v in impls.items()}}
     if args.align_variants:
-        result["align_variants"] = align_variants(impls, 10, DEADLINE_S - 25)
+        result["align_variants"] = align_variants(impls, 10, DEADLINE_S - 25, tokens)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             path = Path(args.out) / "moe_align_variants.json"
@@ -677,9 +731,9 @@ def main() -> int:
             print("  FAIL", p)
         result["problems"] = problems
     if args.sweep:
-        result["sweep"] = sweep(tokens, rep)
+        result["sweep"] = sweep(tokens, rep, ops)
     rows: list[dict] = []
-    for op, shape, t, impl, fn in cases(impls, tokens):
+    for op, shape, t, impl, fn in cases(impls, tokens, ops):
         if _late():
             print(f"deadline: timing stopped before {op} {shape} T{t}")
             break

@@ -373,10 +373,11 @@ def test_align_paths_agree_on_both_sides_of_threshold(monkeypatch):
 
 # ----------------------------------------------------------------------------- align variants
 # Every implementation of ALIGN_VARIANTS, with its launch choice forced (moe_align_variant):
-# (variant, block: routes per chunk for one/one_cmp, per program for two; 0 = default).
+# (variant, block: routes per chunk for one/one_cmp, per program for two and fan; 0 =
+# default).
 ALIGN_VARIANT_IMPLS = [
     ("v1", 0), ("one", 0), ("one", 32), ("one_cmp", 0), ("one_cmp", 16), ("two", 0),
-    ("two", 64), ("two_cmp", 0), ("two_cmp", 256),
+    ("two", 64), ("two_cmp", 0), ("two_cmp", 256), ("fan", 0), ("fan", 16), ("fan", 128),
 ]
 VARIANT_CASES = [  # (tokens, k, E, bs, routing)
     (0, 8, 16, 64, "random"),  # no routes: num_tokens_post_pad 0, empty buffers
@@ -440,10 +441,39 @@ def test_align_variants(variant, block, tokens, k, experts, bs, routing):
     got = _check_align_canonical(impl, ids.long(), experts, bs, emap.to(torch.int32).to(DEVICE))
     remote = ((ids >= 0) & (ids < experts) & (ids % 3 == 1)).any().item()
     assert (got[1][: int(got[2]) // bs] == -1).any().item() == remote
+    if variant == "fan":  # ranks by comparison over flat indices: the reference's stable order
+        want = _run_align(ref.moe_align_block_size, ids, experts, bs)
+        assert torch.equal(_run_align(impl, ids, experts, bs)[0], want[0])
+
+
+@pytest.mark.parametrize("block", [0, 16])
+@pytest.mark.parametrize("tokens,k,experts,bs", [(64, 8, 256, 64), (256, 8, 128, 16),
+                                                 (33, 8, 1000, 32), (40, 2, 8, 256)],
+                         ids=str)
+def test_align_fan_shapes(tokens, k, experts, bs, block):
+    """fan at the decode sizes it is for (many programs, each owning a few experts' pads and a
+    share of the tail) and at the edges of its split: more programs than experts (E 8),
+    experts_per_prog not dividing E (E 1000), block 256 (pad columns of one expert in one
+    tile); random and all-on-one-expert routing (the tail is then nearly the whole buffer)."""
+    impl = _mr().moe_align_variant("fan", block)
+    ids = torch.randint(0, experts, (tokens, k), generator=_gen(tokens + experts),
+                        dtype=torch.int32)
+    _check_align_canonical(impl, ids.to(DEVICE), experts, bs)
+    one = torch.full((tokens, k), experts - 1, dtype=torch.int32)
+    got = _check_align_canonical(impl, one.to(DEVICE), experts, bs)
+    assert (got[1][: int(got[2]) // bs] == experts - 1).all()
+
+
+def test_align_fan_limit():
+    mr = _mr()
+    ids = torch.zeros(mr.FAN_MAX_NUMEL + 1, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="'fan' takes at most"):
+        _run_align(mr.moe_align_variant("fan"), ids, 8, 16)
 
 
 @pytest.mark.parametrize("variant,block", [("one", 0), ("one", 64), ("one_cmp", 0),
-                                           ("two", 0), ("two", 256), ("two_cmp", 512)],
+                                           ("two", 0), ("two", 256), ("two_cmp", 512),
+                                           ("fan", 0), ("fan", 32)],
                          ids=str)
 def test_align_variants_large(variant, block):
     """Several chunks / tiles, random and skewed (one expert takes half the routes)."""
@@ -458,11 +488,13 @@ def test_align_plan_thresholds(monkeypatch):
     stays in it, one more moves on; every row's variant gives the reference's result."""
     mr = _mr()
     monkeypatch.setattr(mr, "ALIGN_PLAN", ((64, "one_cmp", 0, 0), (256, "one", 0, 0),
-                                           (1024, "v1", 0, 0), (mr._INT32_MAX, "two", 0, 0)))
+                                           (512, "fan", 0, 0), (1024, "v1", 0, 0),
+                                           (mr._INT32_MAX, "two", 0, 0)))
     assert mr.align_plan(64)[0] == "one_cmp" and mr.align_plan(65)[0] == "one"
-    assert mr.align_plan(256)[0] == "one" and mr.align_plan(257)[0] == "v1"
+    assert mr.align_plan(256)[0] == "one" and mr.align_plan(257)[0] == "fan"
+    assert mr.align_plan(512)[0] == "fan" and mr.align_plan(513)[0] == "v1"
     assert mr.align_plan(1025)[0] == "two"
-    for numel in (64, 65, 256, 257, 1024, 1025):
+    for numel in (64, 65, 256, 257, 512, 513, 1024, 1025):
         ids = torch.randint(0, 48, (numel, 1), generator=_gen(numel), dtype=torch.int32)
         _check_align_canonical(mr.moe_align_block_size, ids.to(DEVICE), 48, 16)
 

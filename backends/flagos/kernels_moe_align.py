@@ -1,5 +1,6 @@
 """Triton kernels: ``moe_align_block_size`` (v1: one-CTA and three-kernel paths; v2: one-CTA
-and two-kernel paths, see "align, v2") and ``moe_sum``.
+and two-kernel paths, see "align, v2"; fan: one launch of independent programs for decode
+sizes, see "align, fan") and ``moe_sum``.
 
 Plain functions, decorated by :mod:`.launcher` on first use. No host synchronisation: every
 size the host needs is known from shapes; the data-dependent results (segment offsets, the
@@ -338,6 +339,94 @@ def moe_align_place_kernel(
             else:
                 eo = e
             tl.store(eids_ptr + p // block_size, eo, mask=hd)
+
+
+# ----------------------------------------------------------------------------- align, fan
+# One launch of P independent programs, each redoing the (cheap) expert histogram of all
+# routes, so that the stores (the pad fill above all: numel + E*(bs-1) slots) come from P SMs
+# instead of one, with no scratch, no atomics, no barrier and no inter-program dependency.
+# The slots of ``sorted_token_ids`` split into three disjoint kinds, each written by exactly
+# one program: route slots ``[start_e, start_e + count_e)`` (by the route's own program, see
+# below), in-segment pads ``[start_e + count_e, start_e + padded_e)`` (by the owner of expert
+# e: experts_per_prog consecutive experts per program) and the tail ``[total, sorted_len)``
+# (fixed ranges of slots_per_prog slots, masked to the tail: no ordering against the rest).
+
+
+def moe_align_fan_kernel(
+    ids_ptr, sorted_ptr, eids_ptr, ntpp_ptr, map_ptr,
+    numel, n_experts, block_size, sorted_len, eids_len,
+    experts_per_prog, slots_per_prog, blocks_per_prog,
+    HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr, PAD_ROWS: tl.constexpr, PAD_COLS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Fan path (grid: ``cdiv(numel, CHUNK)`` programs, numel <= BLOCK_N; see "align, fan").
+    Program ``pid``: histogram of all routes and of the routes before its chunk
+    ``[pid*CHUNK, +CHUNK)``, padded exclusive cumsum; its chunk's routes at ``start_e +
+    (routes of e before the chunk) + (rank inside the chunk by comparison, a CHUNK x CHUNK
+    mask)``: a deterministic, stable order (flat index order inside each expert); the route of
+    rank ``j*bs`` writes its block's expert id (as v2); the in-segment pads of its experts in
+    [PAD_ROWS experts, PAD_COLS slots] tiles; its share of the tail pads and of the zeroed
+    unused blocks. Program 0 writes ``num_tokens_post_pad``. BLOCK_E >= E: the skipped routes
+    are masked out of the histograms (``tl.histogram``'s mask), not binned."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    nmask = offs < numel
+    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
+    valid = nmask & (raw >= 0) & (raw < n_experts)
+    ex = tl.where(valid, raw, 0).to(tl.int32)
+    r_lo = pid * CHUNK
+    counts = tl.histogram(ex, BLOCK_E, mask=valid)
+    before = tl.histogram(ex, BLOCK_E, mask=valid & (offs < r_lo))
+    padded = (counts + block_size - 1) // block_size * block_size
+    starts = tl.associative_scan(padded, 0, _sum) - padded
+    total = tl.reduce(padded, 0, _sum)
+    tl.store(ntpp_ptr, total, mask=pid == 0)
+    used = total // block_size
+    # this program's routes
+    o = r_lo + tl.arange(0, CHUNK)
+    m = o < numel
+    r = tl.load(ids_ptr + o, mask=m, other=-1)
+    v = m & (r >= 0) & (r < n_experts)
+    e = tl.where(v, r, 0).to(tl.int32)
+    earlier = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :]) & v[None, :]
+    p = tl.gather(starts + before, e, 0) + tl.reduce(earlier.to(tl.int32), 1, _sum)
+    tl.store(sorted_ptr + p, o, mask=v)
+    head = v & (p % block_size == 0)
+    if HAS_MAP:
+        e_out = tl.load(map_ptr + e, mask=head, other=0).to(tl.int32)
+    else:
+        e_out = e
+    tl.store(eids_ptr + p // block_size, e_out, mask=head)
+    # the in-segment pads of this program's experts: [start + count, next multiple of bs)
+    # (segments start at multiples of bs)
+    fill_end = starts + counts
+    e_lo = pid * experts_per_prog
+    prow = tl.arange(0, PAD_ROWS)
+    pcol = tl.arange(0, PAD_COLS)
+    pad2 = tl.full([PAD_ROWS, PAD_COLS], 0, tl.int32) + numel
+    for r0 in range(0, experts_per_prog, PAD_ROWS):
+        rows = e_lo + r0 + prow
+        rm = (r0 + prow < experts_per_prog) & (rows < n_experts)
+        fe = tl.gather(fill_end, tl.where(rm, rows, 0), 0)
+        se = (fe + block_size - 1) // block_size * block_size
+        for j0 in range(0, block_size - 1, PAD_COLS):
+            slot = fe[:, None] + j0 + pcol[None, :]
+            tl.store(sorted_ptr + slot, pad2, mask=rm[:, None] & (slot < se[:, None]))
+    # this program's share of the tail and of the unused blocks
+    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
+    s_lo = pid * slots_per_prog
+    for s0 in range(0, slots_per_prog, BLOCK_S):
+        so = s_lo + s0 + tl.arange(0, BLOCK_S)
+        tl.store(sorted_ptr + so, pad, mask=(so >= total) & (so < sorted_len)
+                 & (s0 + tl.arange(0, BLOCK_S) < slots_per_prog))
+    zero = tl.full([BLOCK_B], 0, tl.int32)
+    b_lo = pid * blocks_per_prog
+    for b0 in range(0, blocks_per_prog, BLOCK_B):
+        bo = b_lo + b0 + tl.arange(0, BLOCK_B)
+        tl.store(eids_ptr + bo, zero, mask=(bo >= used) & (bo < eids_len)
+                 & (b0 + tl.arange(0, BLOCK_B) < blocks_per_prog))
+
 
 def moe_sum_kernel(
     in_ptr, out_ptr,

@@ -39,11 +39,15 @@ ALIGN_ONE_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_one_kern
 ALIGN_PLACE_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_place_kernel",
                                   do_not_specialize=("numel", "n_tiles", "eids_len",
                                                      "eids_per_prog"))
+ALIGN_FAN_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_fan_kernel",
+                                do_not_specialize=("numel", "sorted_len", "eids_len",
+                                                   "experts_per_prog", "slots_per_prog",
+                                                   "blocks_per_prog"))
 MOE_SUM_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_sum_kernel",
                               do_not_specialize=("n_rows", "n_hblocks"))
 KERNELS = (TOPK_SOFTMAX_KERNEL, GROUPED_TOPK_KERNEL, ALIGN_SMALL_KERNEL, ALIGN_COUNT_KERNEL,
            ALIGN_SCAN_KERNEL, ALIGN_SCATTER_KERNEL, ALIGN_ONE_KERNEL, ALIGN_PLACE_KERNEL,
-           MOE_SUM_KERNEL)
+           ALIGN_FAN_KERNEL, MOE_SUM_KERNEL)
 
 _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -118,26 +122,40 @@ def align_config(numel: int, experts: int, block_size: int) -> tuple[bool, int, 
     return False, tile, 4, 8
 
 
-ALIGN_VARIANTS = ("v1", "one", "one_cmp", "two", "two_cmp")
+ALIGN_VARIANTS = ("v1", "one", "one_cmp", "two", "two_cmp", "fan")
 """moe_align_block_size implementations (``bench/moe_routing.py --align-variants`` times each):
 ``v1``: the first kernels (one program up to SMALL_ALIGN_MAX routes, else count + scan +
 scatter: 3 launches; ``align_config``); ``one``: v2, one program, one launch, atomic ranks;
 ``one_cmp``: v2, one program, one launch, ranks by comparison (no atomics, no scratch);
 ``two``: v2, count + place: 2 launches, every program of the second recomputes the prefix,
 atomic ranks on private cursors; ``two_cmp``: ``two`` with ranks by comparison (chunks of
-TWO_CMP_CHUNK routes; no atomics)."""
+TWO_CMP_CHUNK routes; no atomics); ``fan``: one launch of ``cdiv(numel, CHUNK)`` independent
+programs (up to FAN_MAX_NUMEL routes), each recomputing the histogram of all routes and
+writing its chunk's routes (ranks by comparison: no atomics, no scratch, no barrier), its
+experts' in-segment pads and its share of the tail pads: the stores of the pad fill spread
+over many SMs instead of one CTA's."""
 
 ALIGN_PLAN: tuple[tuple[int, str, int, int], ...] = (
     (16, 'one_cmp', 0, 0),
-    (1024, 'one', 0, 0),
+    (128, 'fan', 16, 8),
+    (512, 'fan', 16, 4),
+    (2048, 'fan', 32, 4),
     (65536, 'two', 256, 0),
     (_INT32_MAX, 'two', 1024, 0),
 )
 """Which align variant runs, by size: rows ``(max_numel, variant, block, num_warps)``; the
 first row with ``numel <= max_numel`` wins. ``block``/``num_warps`` 0: the variant's default
-(``align_v2_config``), else for ``one``/``one_cmp`` the routes per chunk (BLOCK_N) and for
-``two`` the routes per program (TILE). ``bench/moe_routing.py --align-variants`` prints a
-replacement from its measurements."""
+(``align_v2_config``), else for ``one``/``one_cmp`` the routes per chunk (BLOCK_N), for
+``fan`` the routes per program (CHUNK) and for ``two`` the routes per program (TILE).
+``bench/moe_routing.py --align-variants`` prints a replacement from its measurements.
+
+The ``fan`` rows: measured on the H200 (2026-12-01, ``python3 bench/moe_routing.py
+--align-variants --experts 8,128,256 --tokens 16,64,256,1024``, block 64, µs): E256 top-8 at
+16 / 64 / 256 tokens 3.07 / 2.79 / 5.14 where ``one`` took 3.66 / 5.58 / 10.16 and vLLM 4.57 /
+4.76 / 5.30; E128 2.35 / 2.50 / 4.04 (vLLM 4.51 / 4.63 / 5.08). 8 warps win at <= 128 routes
+with many experts (E128/E256, by 0.15 µs; E8 loses 0.2 µs there, still 0.54x vLLM), 4 warps
+at 512; 32-route chunks at 2048. At 8192 routes ``fan`` lost (10.8 vs ``two:b256`` 5.0 µs:
+every program re-reads all routes), so ``two`` from 2049."""
 
 
 def align_plan(numel: int) -> tuple[str, int, int]:
@@ -154,6 +172,12 @@ ONE_CMP_MAX_BLOCK = 128
 """Routes per chunk of ``one_cmp`` (its comparison mask is BLOCK_N x BLOCK_N)."""
 TWO_CMP_CHUNK = 128
 """Routes per chunk of ``two_cmp``'s place kernel (at most TILE)."""
+FAN_MAX_NUMEL = 8192
+"""Routes up to which ``fan`` runs (each of its programs holds all routes in registers)."""
+FAN_PROGRAMS = 32
+"""Programs ``fan`` aims for by default (CHUNK = routes / FAN_PROGRAMS, within 16..64)."""
+FAN_PAD_TILE = 1024
+"""Slots per in-segment pad tile of ``fan`` (PAD_ROWS experts x PAD_COLS slots)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -161,16 +185,23 @@ def align_v2_config(numel: int, experts: int, variant: str, block: int = 0,
                     warps: int = 0) -> tuple[int, int]:
     """(BLOCK_N or TILE, num_warps) of a v2 align variant; ``block``/``warps`` override.
     ``one``: all routes in one chunk up to ONE_MAX_BLOCK, 4 warps up to 1024 routes, then 8,
-    16 from 4096. ``one_cmp``: chunks of <= ONE_CMP_MAX_BLOCK routes, 4 warps. ``two``/
-    ``two_cmp``: TILE
-    1024 up to 64k routes, 2048 up to 256k, 4096 beyond (n_tiles x E counts are read by every
-    program of the second kernel: fewer, larger tiles as numel grows)."""
+    16 from 4096. ``one_cmp``: chunks of <= ONE_CMP_MAX_BLOCK routes, 4 warps. ``fan``: CHUNK
+    (routes per program) for about FAN_PROGRAMS programs, within 16..64 (its rank mask is
+    CHUNK x CHUNK), 4 warps. ``two``/``two_cmp``: TILE 1024 up to 64k routes, 2048 up to
+    256k, 4096 beyond (n_tiles x E counts are read by every program of the second kernel:
+    fewer, larger tiles as numel grows)."""
     if variant == "one":
         bn = block or max(16, min(pow2(numel), ONE_MAX_BLOCK))
         return bn, warps or (4 if bn <= 1024 else 8 if bn < 4096 else 16)
     if variant == "one_cmp":
         bn = block or max(16, min(pow2(numel), ONE_CMP_MAX_BLOCK))
         return bn, warps or 4
+    if variant == "fan":
+        if numel > FAN_MAX_NUMEL:
+            raise ValueError(f"moe_align_block_size: variant 'fan' takes at most "
+                             f"{FAN_MAX_NUMEL} routes, got {numel}")
+        chunk = block or max(16, min(64, pow2(_cdiv(numel, FAN_PROGRAMS))))
+        return chunk, warps or 4
     if variant in ("two", "two_cmp"):
         tile = block or (1024 if numel <= 1 << 16 else 2048 if numel <= 1 << 18 else 4096)
         return tile, warps or (4 if tile <= 2048 else 8)
@@ -385,13 +416,28 @@ def _align_v2(flat: torch.Tensor, num_experts: int, block_size: int,
               num_tokens_post_pad: torch.Tensor, expert_map: torch.Tensor | None,
               variant: str, block: int, warps: int) -> None:
     """v2 launches (kernels_moe_align "align, v2"): ``one``/``one_cmp`` one program, ``two``
-    the count kernel then the place kernel over the same tiles."""
+    the count kernel then the place kernel over the same tiles; ``fan`` (kernels_moe_align
+    "align, fan") one launch of ``cdiv(numel, CHUNK)`` programs."""
     numel = flat.numel()
     sorted_len, eids_len = sorted_token_ids.numel(), experts_ids.numel()
     has_map = expert_map is not None
     dev = flat.device
     block_e = pow2(num_experts + 1)  # bin E collects the skipped routes
     bn, nw = align_v2_config(numel, num_experts, variant, block, warps)
+    if variant == "fan":
+        progs = max(1, _cdiv(numel, bn))
+        epp = _cdiv(num_experts, progs)
+        spp = _cdiv(_cdiv(sorted_len, progs), 16) * 16
+        bpp = _cdiv(_cdiv(eids_len, progs), 16) * 16
+        cols = min(pow2(max(1, block_size - 1)), FAN_PAD_TILE)
+        rows = max(1, min(pow2(epp), FAN_PAD_TILE // cols))
+        _launch(ALIGN_FAN_KERNEL, (progs, 1, 1),
+                (flat, sorted_token_ids, experts_ids, num_tokens_post_pad,
+                 expert_map if has_map else flat),
+                (numel, num_experts, block_size, sorted_len, eids_len, epp, spp, bpp),
+                (has_map, max(16, pow2(numel)), max(16, pow2(num_experts)), bn, rows, cols,
+                 max(16, min(1024, pow2(spp))), max(16, min(1024, pow2(bpp)))), nw)
+        return
     if variant in ("one", "one_cmp"):
         rank = 0 if variant == "one" else 1
         cursor = torch.empty(block_e if rank == 0 else 1, dtype=torch.int32, device=dev)
