@@ -5,14 +5,20 @@ Run from the repository root (no install, no network)::
     python bench/moe_experts.py --out results/moe            # check + compare (< 5 min)
     python bench/moe_experts.py --sweep --shapes qwen3 --out results/moe_sweep
     python bench/moe_experts.py --sweep --shapes mixtral,deepseek --tokens 1,64,4096 ...
+    python bench/moe_experts.py --sweep --pdl-only --tokens 1,4,16 --skip-check --out ...
 
 1. Correctness: ours (and vLLM's and FlagGems', when they import) vs the PyTorch reference
    (``fl_dispatch/core/ops/moe.py``) for every shape at small M, plus CUDA-graph capture of
    ours at M in {1, 8, 64} and replay with new routing (vs an eager call).
 2. ``--sweep``: for each shape and T, times tile-config candidates (coordinate descent: the
    alignment block BLOCK_SIZE_M, then gemm1's tiles with gemm2 fixed, then gemm2's; at decode
-   with k > 1 also gemm2 with the sum fused, ``FUSED_G2``) and
-   writes the best as ``moe_configs.TABLES`` entries (``sweep_best.json`` + printed Python).
+   with k > 1 also gemm2 with the sum fused, ``FUSED_G2``; at decode, T <= ``PDL_MAX_T``, on
+   sm_90+, also the best unfused and the best fused gemm2 launched as PDL dependents of GEMM1,
+   ``PDL_VARIANTS``) and writes the best as ``moe_configs.TABLES`` entries
+   (``sweep_best.json`` + printed Python). A PDL candidate is timed only after it passed
+   ``pdl_check`` (bit for bit the same config without PDL, eager and in a CUDA graph
+   replayed with new routing); one that fails is logged and can never win. ``--pdl-only``
+   skips the tile search: the table's config for each (shape, T) against its PDL variants.
 3. Timing, ``triton.testing.do_bench_cudagraph`` median: ours; FlagGems'
    ``fused_experts_impl`` (a port of vLLM's Triton MoE) with its own configs and with
    vLLM's shipped H200 configs injected (``moe_configs.VLLM_H200``) when ``import flag_gems``
@@ -378,9 +384,70 @@ def _g(t):
                      "num_stages", "W_EVICT"), t))
 
 
-def sweep(me, mc, shapes, tokens, budget_s, log):
+PDL_MAX_T = 16
+"""PDL candidates are tried up to this many tokens (decode: GEMM2's start matters there)."""
+PDL_KEYS = ("PDL", "PDL_TRIGGER")
+PDL_VARIANTS = ({}, {"PDL_TRIGGER": 2}, {"PDL_TRIGGER": 0})
+"""gemm2 keys added to ``{"PDL": 1}`` (see ``moe_experts``' docstring): GEMM1 triggers at its
+start (default) / after its K loop / at its exit."""
+
+
+def _without_pdl(cfg):
+    return {**cfg, "gemm2": {k: v for k, v in cfg["gemm2"].items() if k not in PDL_KEYS}}
+
+
+def _pdl_variants(cfg):
+    """The PDL candidates derived from ``cfg``: its gemm2 (PDL keys dropped) with ``{"PDL": 1}``
+    and each of ``PDL_VARIANTS``."""
+    g2 = _without_pdl(cfg)["gemm2"]
+    return [{**cfg, "gemm2": {**g2, "PDL": 1, **v}} for v in PDL_VARIANTS]
+
+
+def pdl_check(me, cfg, x, w1, w2, w, ids, T, E, k):
+    """(ok, why): ``cfg`` (with PDL) gives exactly the bits of the same config without PDL,
+    eagerly, and when captured in a CUDA graph and replayed after new routing, weights and
+    activations were copied into the captured inputs (vs an eager PDL-free call on them).
+    Never raises."""
+    plain = _without_pdl(cfg)
+    try:
+        want = me.fused_experts(x, w1, w2, w, ids, config=plain)
+        for _ in range(2):  # the slow (compiling) launch, then the cached launcher
+            got = me.fused_experts(x, w1, w2, w, ids, config=cfg)
+            if not torch.equal(got, want):
+                diff = (got.float() - want.float()).abs().max().item()
+                return False, f"eager result differs from PDL off (max |diff| {diff:.3e})"
+        xg, wg, idsg = x.clone(), w.clone(), ids.clone()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = me.fused_experts(xg, w1, w2, wg, idsg, config=cfg)
+        w_new, ids_new = make_routing(T, E, k, seed=300 + T)
+        wg.copy_(w_new)
+        idsg.copy_(ids_new)
+        xg.copy_(make_x(T, x.shape[1], seed=300 + T))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = me.fused_experts(xg, w1, w2, wg, idsg, config=plain)
+        if not torch.equal(out, want):
+            diff = (out.float() - want.float()).abs().max().item()
+            return False, f"graph replay with new routing differs (max |diff| {diff:.3e})"
+        del graph
+        return True, ""
+    except Exception as exc:
+        _sync()
+        return False, f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def sweep(me, mc, shapes, tokens, budget_s, log, pdl_only=False):
+    """Coordinate descent per (shape, T), see the module docstring; ``pdl_only``: only the
+    table's config and its PDL variants."""
     t0 = time.time()
     best_all = {}
+    pdl_ok = me.pdl_available(torch.device("cuda"))
+    if not pdl_ok:
+        log(f"[sweep] PDL unavailable on {torch.cuda.get_device_name()} "
+            f"(sm {torch.cuda.get_device_capability()}, triton {triton.__version__}): "
+            "no PDL candidates")
     for name in shapes:
         E, N, K, k = SHAPES[name]
         w1, w2 = make_weights(E, N, K)
@@ -407,8 +474,43 @@ def sweep(me, mc, shapes, tokens, budget_s, log):
                     _sync()
                     return float("inf")
 
+            def timed_pdl(cfg, x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T, k=k, E=E):
+                """Checked first: a PDL config that fails the check is never timed."""
+                ok, why = pdl_check(me, cfg, x, w1, w2, w, ids, T, E, k)
+                if not ok:
+                    log(f"[sweep]   {name} T={T} PDL cfg FAILED the check: {why} "
+                        f"{cfg['gemm2']}")
+                    return float("inf")
+                ms = timed(cfg)
+                keys = {key: cfg["gemm2"][key] for key in PDL_KEYS if key in cfg["gemm2"]}
+                log(f"[sweep]   {name} T={T} PDL {keys} "
+                    f"fused={cfg['gemm2'].get('FUSE_SUM', 0)}: {ms * 1e3:.1f} us")
+                return ms
+
+            def pdl_best(cfgs, T=T):
+                """(ms, cfg) of the best PDL variant of any of ``cfgs``, or None."""
+                found = None
+                if not (pdl_ok and T <= PDL_MAX_T):
+                    return None
+                for cfg in cfgs:
+                    for cand in _pdl_variants(cfg):
+                        ms = timed_pdl(cand)
+                        if found is None or ms < found[0]:
+                            found = (ms, cand)
+                return found
+
             best = (timed(base), base)
             log(f"[sweep] {name} T={T}: table/heuristic {best[0] * 1e3:.1f} us")
+            if base["gemm2"].get("PDL", 0):  # a table row with PDL: checked like the others
+                ok, why = pdl_check(me, base, x, w1, w2, w, ids, T, E, k)
+                if not ok:
+                    log(f"[sweep]   table config FAILED the PDL check: {why}")
+                    best = (float("inf"), base)
+            if pdl_only:
+                found = pdl_best([base])
+                if found is not None and found[0] < best[0]:
+                    best = found
+                bms = []
             for bm in bms:
                 c1, c2 = _cands(bm, naive)
                 cur = {"BLOCK_SIZE_M": bm, "gemm1": _g(c1[0]), "gemm2": _g(c2[0])}
@@ -423,6 +525,7 @@ def sweep(me, mc, shapes, tokens, budget_s, log):
                     ms = timed(cfg)
                     if ms < cur_ms:
                         cur, cur_ms = cfg, ms
+                pdl_bases = [cur]
                 if naive and k > 1:  # GEMM2 and the sum in one kernel (FUSE_SUM)
                     fused_best = None
                     for cand in FUSED_G2:
@@ -432,8 +535,15 @@ def sweep(me, mc, shapes, tokens, budget_s, log):
                             fused_best = (ms, cfg)
                     log(f"[sweep]   bm={bm}: fused sum best {fused_best[0] * 1e3:.1f} us "
                         f"{fused_best[1]['gemm2']} vs unfused {cur_ms * 1e3:.1f} us")
+                    pdl_bases.append(fused_best[1])
                     if fused_best[0] < cur_ms:
                         cur_ms, cur = fused_best
+                found = pdl_best(pdl_bases)  # GEMM2 as a PDL dependent (decode, sm_90+)
+                if found is not None:
+                    log(f"[sweep]   bm={bm}: PDL best {found[0] * 1e3:.1f} us "
+                        f"{found[1]['gemm2']} vs {cur_ms * 1e3:.1f} us without")
+                    if found[0] < cur_ms:
+                        cur_ms, cur = found
                 log(f"[sweep]   bm={bm}: best {cur_ms * 1e3:.1f} us {cur}")
                 if cur_ms < best[0]:
                     best = (cur_ms, cur)
@@ -537,6 +647,8 @@ def main(argv=None):
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--sweep", action="store_true", help="tile sweep instead of comparison")
     ap.add_argument("--budget-s", type=float, default=500.0, help="sweep time budget")
+    ap.add_argument("--pdl-only", action="store_true",
+                    help="sweep: only the table config vs its PDL variants (T <= 16, sm_90+)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-flaggems", action="store_true")
     ap.add_argument("--no-vllm", action="store_true", help="leave vLLM's fused_experts out")
@@ -586,7 +698,7 @@ def main(argv=None):
         except Exception as exc:
             log(f"[check] aborted: {exc!r}")
     if args.sweep:
-        best = sweep(me, mc, shapes, tokens, args.budget_s, log)
+        best = sweep(me, mc, shapes, tokens, args.budget_s, log, args.pdl_only)
         result["sweep"] = best
         (out / "sweep_best.json").write_text(json.dumps(best, indent=1, default=str))
         log("# paste into moe_configs.TABLES (device NVIDIA_H200, bf16):")

@@ -12,6 +12,13 @@ about one ulp of the intermediate times the downstream weights. Hence the per-dt
 the flagos backend uses elsewhere (fp16 1e-3/2e-3, bf16 1e-2/1.6e-2) on outputs of magnitude
 ~1 (inputs scaled so); fp32 atol 1e-4 (rtol 1e-5) for the K-long fp32 reductions summed in a
 different order.
+
+Programmatic dependent launch (gemm2 key ``PDL``) exists for compiled kernels on sm_90+ only:
+here the tests check that the keys change nothing under the interpreter, the launcher's
+option handling, and that the kernels compile for sm_90 with Triton's bundled ptxas (no GPU
+needed); on an H100/H200 ``FL_FLAGOS_TEST_DEVICE=cuda python -m pytest -k pdl
+tests/test_moe_experts_kernels.py`` checks PDL bit for bit against PDL off, eagerly and under
+CUDA-graph replay with new routing.
 """
 
 from __future__ import annotations
@@ -447,3 +454,306 @@ def test_configs_table_and_heuristic():
     assert h["gemm1"]["BLOCK_SIZE_N"] == 64 and h["gemm1"]["BLOCK_SIZE_K"] == 32
     for g in ("gemm1", "gemm2"):
         assert set(h[g]) == set(moe_configs._KEYS)
+
+
+# ----------------------------------------------------------------------------- PDL
+# Programmatic dependent launch of GEMM2 (gemm2 keys PDL, PDL_TRIGGER): compiled kernels on
+# sm_90+ only. On the CPU the keys must change nothing (the interpreter cannot run
+# griddepcontrol); the compile test checks the PTX both ways; the GPU tests check bit-for-bit
+# equality with PDL off, eager and under CUDA-graph replay.
+
+def _package_module(name):
+    import importlib
+
+    return importlib.import_module(f"{moe_experts.__package__}.{name}")
+
+
+def _pdl(g2, **keys):
+    return {**g2, "PDL": 1, **keys}
+
+
+class _LaunchSpy:
+    """Wraps a TritonKernel's launch: records (rest args, launch_pdl) and launches."""
+
+    def __init__(self, kernel, monkeypatch):
+        self.calls = []
+        real = kernel.launch
+
+        def launch(key, grid, device, tensors, ptrs, rest, num_warps, num_stages=None,
+                   launch_pdl=False):
+            self.calls.append((tuple(rest), launch_pdl))
+            real(key, grid, device, tensors, ptrs, rest, num_warps, num_stages, launch_pdl)
+
+        monkeypatch.setattr(kernel, "launch", launch)
+
+
+def test_pdl_refused_under_the_interpreter_and_off_cuda(monkeypatch):
+    """pdl_available: never for CPU tensors, never under the interpreter (even on a device
+    that has it), never on ROCm or below sm_90."""
+    # Triton imported before the variable is set: a first import under TRITON_INTERPRET=1
+    # would bind triton.language's library functions to the interpreter for the whole process,
+    # and every later compile (the GPU tests after this one) would fail
+    import triton  # noqa: F401
+
+    assert not moe_experts.pdl_available(torch.device("cpu"))
+    monkeypatch.setattr(moe_experts, "_pdl_device", lambda index: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not moe_experts.pdl_available(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("cap,hip,want", [((8, 0), None, False), ((8, 9), None, False),
+                                          ((9, 0), None, True), ((10, 0), None, True),
+                                          ((9, 4), "6.2", False)])
+def test_pdl_device_gate(monkeypatch, cap, hip, want):
+    """sm_90+ on CUDA, with a Triton that has the launch option (3.6 and 3.9 have)."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    has_option = "launch_pdl" in CUDAOptions.__dataclass_fields__
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    moe_experts._pdl_device.cache_clear()
+    try:
+        assert moe_experts._pdl_device(0) == (want and has_option)
+    finally:
+        moe_experts._pdl_device.cache_clear()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's behaviour")
+@pytest.mark.parametrize("M,E,k,fuse", [(1, 16, 2, 0), (1, 16, 2, 1), (2, 64, 6, 1),
+                                        (7, 8, 2, 0)])
+def test_pdl_keys_change_nothing_under_the_interpreter(M, E, k, fuse, monkeypatch):
+    """A PDL config under the interpreter: the kernels get PDL False, trigger 0 and no
+    launch_pdl (exactly the PDL-free launch), and the result is bit for bit the PDL-free
+    config's (the naive path, fused or not, and the aligned one)."""
+    x, w1, w2, w, ids = _inputs(M, 48, 52, E, k, torch.bfloat16, seed=61 + M + k)
+    tiles = _tiles(16, 32, 32, 1, 32, 32, 1)
+    tiles["gemm2"]["FUSE_SUM"] = fuse
+    plain = moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
+    spies = [_LaunchSpy(kern, monkeypatch) for kern in moe_experts.KERNELS]
+    for keys in ({}, {"PDL_TRIGGER": 2}, {"PDL_TRIGGER": 0}):
+        cfg = {**tiles, "gemm2": _pdl(tiles["gemm2"], **keys)}
+        assert torch.equal(moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg), plain)
+    calls = [c for spy in spies for c in spy.calls]
+    assert len(calls) == 6
+    assert all(launch_pdl is False for _, launch_pdl in calls)
+    for rest, _ in spies[1].calls + spies[2].calls:
+        assert rest[-1] is False  # PDL
+    for rest, _ in spies[0].calls:
+        assert rest[-1] == 0  # PDL_TRIGGER
+
+
+def test_pdl_zero_launches_as_before(monkeypatch):
+    """PDL 0 (or absent): the launches carry trigger 0, PDL False and no launch_pdl,
+    whatever PDL_TRIGGER says, and the result is the same bits."""
+    x, w1, w2, w, ids = _inputs(1, 48, 52, 16, 2, torch.float16, seed=67)
+    tiles = _tiles(16, 32, 32, 1, 32, 32, 1)
+    plain = moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
+    spies = [_LaunchSpy(kern, monkeypatch) for kern in moe_experts.KERNELS]
+    cfg = {**tiles, "gemm2": {**tiles["gemm2"], "PDL": 0, "PDL_TRIGGER": 1}}
+    assert torch.equal(moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg), plain)
+    (g1_rest, g1_pdl), = spies[0].calls
+    (g2_rest, g2_pdl), = spies[1].calls
+    assert g1_rest[-1] == 0 and g2_rest[-1] is False and not g1_pdl and not g2_pdl
+
+
+def test_launcher_passes_launch_pdl_only_when_asked(monkeypatch):
+    """The slow path passes launch_pdl=True to Triton only when asked (the PDL-free compile
+    key is untouched) and never under the interpreter; the launches then take the cached
+    path as before."""
+    import types
+
+    launcher_mod = _package_module("launcher")
+    seen = []
+
+    class _Run:  # a Triton 3.9-style launcher: called through __call__
+        arg_annotations = ()
+        global_scratch_size = profile_scratch_size = 0
+
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata,
+                     launch_metadata, launch_enter_hook, launch_exit_hook, *args):
+            seen.append(("fast", (gridX, gridY, gridZ, stream, function)))
+
+    compiled = types.SimpleNamespace(run=_Run(), function=99, packed_metadata=("m",))
+
+    def jit_grid(*args, **options):
+        seen.append(("slow", options))
+        return compiled
+
+    kern = launcher_mod.TritonKernel("unused", "unused")
+    monkeypatch.setattr(kern, "jit", lambda: {(4, 1, 1): jit_grid})
+    monkeypatch.setattr(launcher_mod, "_hooks_active", lambda: False)
+    monkeypatch.setattr(launcher_mod, "_stream_getter", lambda: lambda dev: 5)
+    monkeypatch.setattr(launcher_mod, "interpreter_enabled", lambda: False)
+    kern.launch(("a", False), (4, 1, 1), 0, ("t",), (1,), (3,), 4, 2)
+    kern.launch(("b", True), (4, 1, 1), 0, ("t",), (1,), (3,), 4, 2, True)
+    kern.launch(("b", True), (4, 1, 1), 0, ("t",), (1,), (3,), 4, 2, True)
+    assert seen[0] == ("slow", {"num_warps": 4, "num_stages": 2})
+    assert seen[1] == ("slow", {"num_warps": 4, "num_stages": 2, "launch_pdl": True})
+    assert seen[2] == ("fast", (4, 1, 1, 5, 99)) and kern.slow_launches == 2
+    monkeypatch.setattr(launcher_mod, "interpreter_enabled", lambda: True)
+    monkeypatch.setattr(launcher_mod, "interpreter_rounds_to_nearest",
+                        __import__("contextlib").nullcontext)
+    kern.launch(("c", True), (4, 1, 1), 0, ("t",), (1,), (3,), 4, None, True)
+    assert seen[3] == ("slow", {"num_warps": 4})
+
+
+def _compile_sm90(fn, types_, constexprs, **options):
+    """``fn`` (a plain kernel function) compiled for sm_90 without a GPU: Triton's NVIDIA
+    backend and its bundled ptxas (so the PTX is assembled, not only emitted)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    jf = JITFunction(fn)  # not triton.jit: that returns the interpreter's wrapper here
+    sig = {n: ("constexpr" if n in constexprs else types_.get(n, "i32")) for n in jf.arg_names}
+    src = ASTSource(jf, sig, constexprs=dict(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+_PTRS2 = {"a_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "topk_w_ptr": "*fp32",
+          "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "ntpp_ptr": "*i32",
+          "topk_ids_ptr": "*i32", "map_ptr": "*i32"}
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_pdl_kernels_compile_for_sm90(pdl):
+    """The three kernels compile for sm_90 (Triton's own backend and ptxas, no GPU needed)
+    with PDL on and off: on, both GEMM2s' PTX has griddepcontrol.wait and their metadata
+    launch_pdl; GEMM1 has launch_dependents; off, none of them (the PDL-free kernels are the
+    plain ones)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    km = _package_module("kernels_moe_gemm")
+    common = dict(MUL_W=True, BLOCK_K=64, EVEN_K=True, IEEE=False, W_EVICT=1, UPCAST=False)
+    g2 = _compile_sm90(km.moe_gemm2_kernel, _PTRS2,
+                       dict(common, NAIVE=True, HAS_MAP=False, BLOCK_M=16, BLOCK_N=64,
+                            GROUP_M=1, CLEAN_M=64, CLEAN_N=256, PDL=pdl),
+                       num_warps=4, num_stages=4, launch_pdl=pdl)
+    g2s = _compile_sm90(km.moe_gemm2_sum_kernel, _PTRS2,
+                        dict(common, TOP_K=4, BLOCK_N=32, PDL=pdl),
+                        num_warps=2, num_stages=4, launch_pdl=pdl)
+    g1 = _compile_sm90(km.moe_gemm1_act_kernel, _PTRS2,
+                       dict(common, NAIVE=True, MUL_W=False, ACT=0, BLOCK_M=16, BLOCK_N=32,
+                            GROUP_M=1, PDL_TRIGGER=int(pdl)),
+                       num_warps=4, num_stages=4)
+    for k in (g2, g2s):
+        assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
+        assert bool(k.metadata.launch_pdl) == pdl
+    assert ("griddepcontrol.launch_dependents" in g1.asm["ptx"]) == pdl
+
+
+def _gpu_pdl_or_skip():
+    if not ON_GPU:
+        pytest.skip("PDL needs compiled kernels on a GPU (FL_FLAGOS_TEST_DEVICE=cuda)")
+    if not moe_experts.pdl_available(torch.device(DEVICE)):
+        pytest.skip(f"no PDL on {torch.cuda.get_device_name()} (needs sm_90+) or this Triton")
+
+
+_PDL_VARIANTS = [{}, {"PDL_TRIGGER": 2}, {"PDL_TRIGGER": 0}]
+
+
+_BF16, _FP32 = torch.bfloat16, torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,E,k,K,N,fuse,dtype", [
+    (1, 16, 2, 80, 52, 0, _BF16), (1, 16, 2, 80, 52, 1, _BF16),  # N = 52: ragged GEMM2 K loop
+    (1, 16, 2, 80, 52, 0, _FP32), (1, 16, 2, 80, 52, 1, _FP32),  # fp32: IEEE dots
+    (2, 64, 6, 48, 48, 1, _BF16), (1, 8, 1, 64, 96, 0, _BF16),   # k = 1: GEMM2 -> output
+    (7, 8, 2, 80, 52, 0, _BF16),                                  # aligned path, clean
+    (4, 128, 8, 2048, 768, 0, _BF16), (4, 128, 8, 2048, 768, 1, _BF16)])  # Qwen3-like
+def test_pdl_bit_for_bit_eager(M, E, k, K, N, fuse, dtype, monkeypatch):
+    """GPU: every PDL variant (GEMM1's trigger at its start / after its K loop / at its exit)
+    gives exactly the PDL-free bits, and GEMM2 was launched as a PDL dependent."""
+    _gpu_pdl_or_skip()
+    x, w1, w2, w, ids = _inputs(M, K, N, E, k, dtype, seed=71 + M + N)
+    tiles = _tiles(16, 32, 64, 1, 32, 64, 1)
+    tiles["gemm2"]["FUSE_SUM"] = fuse
+    plain = moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
+    if K <= 128:  # the Qwen3-like reduction (2048) needs the tolerances of the GPU benches
+        _close(plain, REF.fused_experts_reference(x, w1, w2, w, ids), dtype)
+    spy = _LaunchSpy(moe_experts.GEMM2_SUM_KERNEL if fuse and k > 1 and M * k * 4 <= E
+                     else moe_experts.GEMM2_KERNEL, monkeypatch)
+    for keys in _PDL_VARIANTS:
+        cfg = {**tiles, "gemm2": _pdl(tiles["gemm2"], **keys)}
+        for _ in range(3):  # first launch (slow path, compiles), then the cached launcher
+            got = moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg)
+            assert torch.equal(got, plain), (keys, (got.float() - plain.float()).abs().max())
+    assert spy.calls and all(launch_pdl for _, launch_pdl in spy.calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,E,k,K,N,fuse", [(1, 128, 8, 2048, 768, 0),
+                                            (1, 128, 8, 2048, 768, 1),
+                                            (4, 128, 8, 2048, 768, 1),
+                                            (1, 16, 2, 80, 52, 0), (7, 8, 2, 80, 52, 0)])
+def test_pdl_cuda_graph_replay_with_new_routing(M, E, k, K, N, fuse):
+    """GPU: captured with PDL (programmatic edges in the graph), replayed after new routing,
+    weights and activations were copied in: exactly the PDL-free eager result; replayed
+    twice more, still the same (no race on the reuse of the graph's buffers)."""
+    _gpu_pdl_or_skip()
+    x, w1, w2, w, ids = _inputs(M, K, N, E, k, torch.bfloat16, seed=81 + M)
+    tiles = _tiles(16, 32, 64, 1, 32, 64, 1)
+    tiles["gemm2"]["FUSE_SUM"] = fuse
+    cfg = {**tiles, "gemm2": _pdl(tiles["gemm2"])}
+    moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg)
+    x2, _, _, w_2, ids2 = _inputs(M, K, N, E, k, torch.bfloat16, seed=91 + M)
+    x.copy_(x2)
+    w.copy_(w_2)
+    ids.copy_(ids2)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
+    assert torch.equal(out, want)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("M,E,k,fuse", [(1, 128, 8, 0), (1, 128, 8, 1), (4, 128, 8, 0),
+                                        (7, 8, 2, 0)])
+def test_pdl_launch_arguments(M, E, k, fuse, monkeypatch):
+    """What the adapter hands the launcher when PDL is available (faked; nothing runs):
+    GEMM1 gets the trigger, GEMM2 (fused or not) PDL and launch_pdl; the launch keys differ
+    from the PDL-free ones."""
+    launches = {}
+
+    def recorder(name):
+        def launch(key, grid, device, tensors, ptrs, rest, num_warps, num_stages=None,
+                   launch_pdl=False):
+            launches.setdefault(name, []).append((key, grid, tuple(rest), num_warps,
+                                                  launch_pdl))
+        return launch
+
+    for name in ("GEMM1_KERNEL", "GEMM2_KERNEL", "GEMM2_SUM_KERNEL"):
+        monkeypatch.setattr(getattr(moe_experts, name), "launch", recorder(name))
+    monkeypatch.setattr(moe_experts, "_sum", lambda *a: None)
+    K, N = 2048, 768
+    x = torch.zeros(M, K, dtype=torch.bfloat16, device=DEVICE)
+    # expanded (stride 0 over experts): the launches need shapes and strides, not memory
+    w1 = torch.zeros(1, 2 * N, K, dtype=torch.bfloat16, device=DEVICE).expand(E, -1, -1)
+    w2 = torch.zeros(1, K, N, dtype=torch.bfloat16, device=DEVICE).expand(E, -1, -1)
+    w = torch.ones(M, k, device=DEVICE)
+    ids = torch.arange(M * k, dtype=torch.int32, device=DEVICE).view(M, k) % E
+    tiles = _tiles(16, 32, 64, 1, 64, 64, 1)
+    tiles["gemm2"]["FUSE_SUM"] = fuse
+    moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
+    monkeypatch.setattr(moe_experts, "pdl_available", lambda device: True)
+    moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)  # no PDL key: as before
+    cfg = {**tiles, "gemm2": _pdl(tiles["gemm2"], PDL_TRIGGER=2)}
+    moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg)
+    fused = fuse and moe_experts.use_naive_assignment(M, k, E, None)
+    g2 = launches["GEMM2_SUM_KERNEL" if fused else "GEMM2_KERNEL"]
+    g1 = launches["GEMM1_KERNEL"]
+    assert len(g1) == len(g2) == 3
+    assert g1[0][:4] == g1[1][:4] and g2[0][:4] == g2[1][:4]  # PDL absent: unchanged
+    assert g1[2][2][-1] == 2 and g1[2][0] != g1[0][0] and not g1[2][4]  # GEMM1: no PDL
+    key, grid, rest, _, launch_pdl = g2[2]
+    assert launch_pdl and key != g2[0][0] and grid == g2[0][1]
+    assert rest[-1] is True  # PDL
+    assert g2[0][2][-1] is False and not g2[0][4]

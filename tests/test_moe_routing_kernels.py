@@ -151,6 +151,7 @@ GROUPED_CASES = [  # (tokens, E, groups, keep, k, dtype)
     (1, 8, 2, 1, 2, torch.float32), (2, 64, 8, 3, 6, torch.bfloat16),
     (7, 128, 8, 4, 8, torch.float16), (64, 256, 8, 4, 8, torch.bfloat16),
     (7, 512, 16, 4, 8, torch.float32), (1000, 8, 4, 2, 1, torch.float32),
+    (5, 96, 8, 3, 6, torch.float32),  # 12 experts per group: a padded [8, 16] tile
 ]
 
 
@@ -170,6 +171,18 @@ def test_grouped_topk_random(tokens, experts, groups, keep, k, dtype):
         if renorm:
             torch.testing.assert_close(w.sum(-1), torch.full((tokens,), rsf), rtol=1e-5,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,warps", [(2, 1), (4, 2)])
+def test_grouped_topk_rows_per_program(rows, warps, monkeypatch):
+    """Several rows per program (the last program partly masked), with a bias (weights
+    re-read at the chosen ids), 12 experts per group."""
+    mr = _mr()
+    monkeypatch.setattr(mr, "grouped_topk_config", lambda *a: (rows, warps))
+    scores = _randn(7, 96, seed=4, dtype=torch.bfloat16)
+    bias = _randn(96, seed=5, dtype=torch.bfloat16) * 0.1
+    _check_grouped(scores, 8, 3, 6, True, 2.5, bias, 1)
+    _check_grouped(scores, 8, 3, 6, False, 1.0, bias, 0)
 
 
 def test_grouped_topk_ties_and_masked_rows():

@@ -13,6 +13,12 @@ dtype and whether its address is 16-byte aligned; for every specialized integer 
 The kernels are plain Python functions decorated here, on first use, so that the choice
 between the compiler and the CPU interpreter (``TRITON_INTERPRET``) is made when a kernel first
 runs, not when a module is imported. The interpreter always takes the slow path.
+
+Programmatic dependent launch (``launch_pdl=True``, sm_90+): Triton's launch option of that
+name, a ``CUDAOptions`` field, so part of Triton's own compile/cache key; the compiled
+launcher carries it (``CudaLauncher.launch_pdl``) and the fast path passes it on. Our ``key``
+must distinguish it too (the caller puts it, or a constexpr that implies it, in the key). The
+interpreter has no launch attributes: there the option is dropped.
 """
 
 from __future__ import annotations
@@ -141,23 +147,27 @@ class TritonKernel:
 
     def launch(self, key: tuple, grid: tuple[int, int, int], device: int,
                tensors: Sequence[Any], ptrs: Sequence[int], rest: Sequence[Any],
-               num_warps: int, num_stages: int | None = None) -> None:
+               num_warps: int, num_stages: int | None = None,
+               launch_pdl: bool = False) -> None:
         """Launch on ``grid``. The kernel's parameters are ``tensors`` (its pointer parameters,
         first) then ``rest`` (scalars and constexprs, in order); ``ptrs`` are the tensors'
         ``data_ptr()``. The fast path passes those integers: Triton's launcher then neither
         calls ``data_ptr`` nor checks each address with the driver (``cuPointerGetAttribute``).
         ``device`` is the CUDA index of the tensors (the current device). ``num_stages``
         (software pipelining of the kernel's loops; None: Triton's default) must be part of
-        ``key`` when it varies."""
+        ``key`` when it varies. ``launch_pdl``: launch as a programmatic dependent of the
+        previous kernel in the stream (the kernel must ``gdc_wait()`` before it reads what
+        that kernel writes); it too must be implied by ``key``. Ignored by the interpreter."""
         fast = self._fast.get(key)
         if fast is not None:
             run, stream, head = fast
             run(grid[0], grid[1], grid[2], stream(device), *head, *ptrs, *rest)
             return
-        self._launch_slow(key, grid, (*tensors, *rest), num_warps, num_stages)
+        self._launch_slow(key, grid, (*tensors, *rest), num_warps, num_stages, launch_pdl)
 
     def _launch_slow(self, key: tuple, grid: tuple[int, int, int], args: Sequence[Any],
-                     num_warps: int, num_stages: int | None = None) -> None:
+                     num_warps: int, num_stages: int | None = None,
+                     launch_pdl: bool = False) -> None:
         self.slow_launches += 1
         options: dict[str, int] = {"num_warps": num_warps}
         if num_stages is not None:
@@ -166,6 +176,8 @@ class TritonKernel:
             with interpreter_rounds_to_nearest():
                 self.jit()[grid](*args, **options)
             return
+        if launch_pdl:  # only when asked: the option-less compile/cache key stays as it was
+            options["launch_pdl"] = True
         compiled = self.jit()[grid](*args, **options)
         if key is None or _hooks_active():
             return

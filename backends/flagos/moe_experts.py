@@ -22,6 +22,20 @@ uninitialised. Deterministic (no atomics).
 
 The sum over k is whatever the dispatched ``moe_sum`` does; the torch stand-ins (tests, bench)
 accumulate in fp32 and round once.
+
+Programmatic dependent launch (gemm2 config keys, read only where :func:`pdl_available`):
+
+* ``PDL`` (0/1, default 0): GEMM2 (either kernel) is launched as a PDL dependent of GEMM1: its
+  programs start while GEMM1's last wave runs, do what does not depend on GEMM1's output, then
+  wait for it (``kernels_moe_gemm`` module docstring: why that is safe, and bit for bit the
+  same result). GEMM1 is never a PDL dependent itself (the safety argument needs that). An L2
+  prefetch of ``w2`` before the wait was tried and lost every time on the H200 (2026-12-01,
+  ``bench/moe_experts.py --sweep --pdl-only``, docs/results/h200-moe-pdl-sweep.txt): removed.
+* ``PDL_TRIGGER`` (default 1): where GEMM1 lets the dependents launch: 1 at its start, 2 after
+  its K loop, 0 at its exit (no explicit trigger).
+
+Off CUDA, under the interpreter, on ROCm or below sm_90 the keys are ignored: the kernels are
+launched as without them. ``moe_sum`` (another backend's kernel) is launched normally.
 """
 
 from __future__ import annotations
@@ -82,6 +96,36 @@ def _device_name(index: int) -> str:
         return torch.cuda.get_device_name(index)
     except Exception:  # no CUDA (interpreter)
         return ""
+
+
+@functools.lru_cache(maxsize=16)
+def _pdl_device(index: int) -> bool:
+    """CUDA (not ROCm) device ``index`` is sm_90+ and this Triton has ``launch_pdl`` and the
+    ``gdc_*`` builtins."""
+    if torch.version.hip is not None:
+        return False
+    try:
+        major, _ = torch.cuda.get_device_capability(index)
+    except Exception:  # no CUDA
+        return False
+    if major < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except Exception:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def pdl_available(device: torch.device) -> bool:
+    """Whether GEMM2 may be launched as a PDL dependent on ``device``: compiled kernels (not
+    the interpreter) on a CUDA device of compute capability >= 9.0 (Hopper), with a Triton
+    that knows the launch option."""
+    if device.type != "cuda" or interpreter_enabled():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _pdl_device(index)
 
 
 def aligned_buffer_sizes(numel: int, num_experts: int, block_m: int) -> tuple[int, int]:
@@ -207,10 +251,15 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     upcast = dtype == torch.bfloat16 and interpreter_enabled()  # its bf16 tl.dot is wrong
 
     g1 = cfg["gemm1"]
+    g2 = cfg["gemm2"]
+    # PDL only where it exists (never under the interpreter); then GEMM1 triggers its launch
+    pdl = bool(g2.get("PDL", 0)) and pdl_available(device)
+    trigger = int(g2.get("PDL_TRIGGER", 1)) if pdl else 0
     bn1, bk1 = g1["BLOCK_SIZE_N"], g1["BLOCK_SIZE_K"]
     args1 = (N, K, em, numel, k, E, x.stride(0), w1.stride(0), w1.stride(1), cache2.stride(0),
              naive, bool(apply_router_weight_on_input), ACTIVATIONS[activation], bm, bn1, bk1,
-             g1["GROUP_SIZE_M"], K % bk1 == 0, ieee, int(g1.get("W_EVICT", 0)), upcast)
+             g1["GROUP_SIZE_M"], K % bk1 == 0, ieee, int(g1.get("W_EVICT", 0)), upcast,
+             trigger)
     t1 = (x, w1, cache2, tw, sorted_ids, expert_ids, ntpp)
     p1 = tuple(t.data_ptr() for t in t1)
     key1 = (tuple(t.dtype for t in t1), tuple(p & 15 for p in p1), dev,
@@ -218,11 +267,10 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     GEMM1_KERNEL.launch(key1, (num_pid_m * -(-N // bn1), 1, 1), dev, t1, p1, args1,
                         g1["num_warps"], g1["num_stages"])
 
-    g2 = cfg["gemm2"]
     bn2, bk2 = g2["BLOCK_SIZE_N"], g2["BLOCK_SIZE_K"]
     if naive and k > 1 and g2.get("FUSE_SUM", 0):
         _gemm2_sum(cache2, w2, out, tw, ids, K, N, E, k, not apply_router_weight_on_input,
-                   g2, ieee, upcast, dev)
+                   g2, ieee, upcast, dev, pdl)
         return out
     cache3 = out.view(M, 1, K) if k == 1 else torch.empty((M, k, K), dtype=dtype,
                                                            device=device)
@@ -234,13 +282,13 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     args2 = (K, N, em, numel, E, global_num_experts, num_clean, cache2.stride(0),
              w2.stride(0), w2.stride(1), c3.stride(0), naive,
              not apply_router_weight_on_input, has_map, bm, bn2, bk2, g2["GROUP_SIZE_M"],
-             N % bk2 == 0, ieee, int(g2.get("W_EVICT", 0)), upcast, CLEAN_M, clean_n)
+             N % bk2 == 0, ieee, int(g2.get("W_EVICT", 0)), upcast, CLEAN_M, clean_n, pdl)
     t2 = (cache2, w2, c3, tw, sorted_ids, expert_ids, ntpp, ids, emap)
     p2 = tuple(t.data_ptr() for t in t2)
     key2 = (tuple(t.dtype for t in t2), tuple(p & 15 for p in p2), dev,
             g2["num_warps"], g2["num_stages"], *args2[:2], *args2[4:6], *args2[7:])
     GEMM2_KERNEL.launch(key2, (num_clean + num_pid_m * -(-K // bn2), 1, 1), dev, t2,
-                        p2, args2, g2["num_warps"], g2["num_stages"])
+                        p2, args2, g2["num_warps"], g2["num_stages"], pdl)
     if k > 1:
         _sum(cache3, out)
     return out
@@ -248,20 +296,22 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
 
 def _gemm2_sum(cache2: torch.Tensor, w2: torch.Tensor, out: torch.Tensor, tw: torch.Tensor,
                ids: torch.Tensor, K: int, N: int, E: int, k: int, mul_w: bool,
-               g2: dict[str, Any], ieee: bool, upcast: bool, dev: int) -> None:
+               g2: dict[str, Any], ieee: bool, upcast: bool, dev: int,
+               pdl: bool = False) -> None:
     """Decode GEMM2 with the sum over k fused (``FUSE_SUM``): ``out`` written directly, no
     ``[M, k, K]`` buffer and no ``moe_sum`` launch; bit for bit the unfused pair (see
     ``kernels_moe_gemm.moe_gemm2_sum_kernel``). Only on the naive assignment, where every
-    route's expert is read from ``topk_ids`` (no ``expert_map``)."""
+    route's expert is read from ``topk_ids`` (no ``expert_map``). ``pdl``: launched as a PDL
+    dependent of GEMM1 (the caller checked :func:`pdl_available`)."""
     bn, bk = g2["BLOCK_SIZE_N"], g2["BLOCK_SIZE_K"]
     args = (K, N, E, cache2.stride(0), w2.stride(0), w2.stride(1), out.stride(0), k, mul_w,
-            bn, bk, N % bk == 0, ieee, int(g2.get("W_EVICT", 0)), upcast)
+            bn, bk, N % bk == 0, ieee, int(g2.get("W_EVICT", 0)), upcast, pdl)
     t = (cache2, w2, out, tw, ids)
     p = tuple(x.data_ptr() for x in t)
     key = (tuple(x.dtype for x in t), tuple(q & 15 for q in p), dev, g2["num_warps"],
            g2["num_stages"], *args)
     GEMM2_SUM_KERNEL.launch(key, (out.shape[0] * -(-K // bn), 1, 1), dev, t, p, args,
-                            g2["num_warps"], g2["num_stages"])
+                            g2["num_warps"], g2["num_stages"], pdl)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -4,8 +4,10 @@ Written from the sweep's ``sweep_best.json`` (2026-11-30, one NVIDIA H200, torch
 CUDA 13, Triton 3.6, CUDA-graph replay median; ``python3 bench/moe_experts.py --sweep
 --budget-s 230``), with rows from a second sweep of the same day (``--tokens 1,4`` for all three
 shapes, ``--tokens 1024,256`` for DeepSeek-V3; the fused-sum GEMM2 ``FUSE_SUM`` was a candidate at
-decode and won for DeepSeek-V3 at 1 and 4 tokens only); the time each config measured is in the
-comment. Every shape has rows at M = 1, 4, 16, 64, 256, 1024 and 4096; other M take the
+decode and won for DeepSeek-V3 at 1 and 4 tokens only) and, for Qwen3-30B-A3B at 1 and 4 tokens,
+GEMM2 as a PDL dependent (``PDL``; 2026-12-01, ``python3 bench/moe_experts.py --sweep --pdl-only
+--skip-check --shapes qwen3,deepseek,mixtral --tokens 1,4``: no gain beyond noise for the other
+two); the time each config measured is in the comment. Every shape has rows at M = 1, 4, 16, 64, 256, 1024 and 4096; other M take the
 nearest. Re-run the sweep and regenerate on another device.
 """
 
@@ -24,8 +26,8 @@ MEASURED: dict[tuple[str, int, int, int, int, str], dict[int, dict[str, Any]]] =
         4096: {'BLOCK_SIZE_M': 128, 'gemm1': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}, 'gemm2': {'BLOCK_SIZE_N': 256, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 0}},  # 5489.7 us
     },
     ('NVIDIA_H200', 128, 768, 2048, 8, 'bfloat16'): {  # qwen3
-        1: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}},  # 27.0 us
-        4: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 2, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 2, 'W_EVICT': 1}},  # 70.9 us (second sweep)
+        1: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1, 'PDL': 1}},  # 25.6 us (PDL sweep; without PDL 26.2)
+        4: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 2, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 4, 'num_stages': 2, 'W_EVICT': 1, 'PDL': 1}},  # 70.5 us (PDL sweep; without PDL 72.2)
         16: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}},  # 196.4 us
         64: {'BLOCK_SIZE_M': 16, 'gemm1': {'BLOCK_SIZE_N': 32, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 4, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 128, 'BLOCK_SIZE_K': 128, 'GROUP_SIZE_M': 16, 'num_warps': 8, 'num_stages': 3, 'W_EVICT': 1}},  # 285.5 us
         256: {'BLOCK_SIZE_M': 32, 'gemm1': {'BLOCK_SIZE_N': 64, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 4, 'num_stages': 5, 'W_EVICT': 1}, 'gemm2': {'BLOCK_SIZE_N': 256, 'BLOCK_SIZE_K': 64, 'GROUP_SIZE_M': 1, 'num_warps': 8, 'num_stages': 4, 'W_EVICT': 1}},  # 313.7 us
