@@ -6,9 +6,10 @@ CUDA 13, Triton 3.6, CUDA-graph replay median; ``python3 bench/moe_experts.py --
 shapes, ``--tokens 1024,256`` for DeepSeek-V3; the fused-sum GEMM2 ``FUSE_SUM`` was a candidate at
 decode and won for DeepSeek-V3 at 1 and 4 tokens only) and, for Qwen3-30B-A3B at 1 and 4 tokens,
 GEMM2 as a PDL dependent (``PDL``; 2026-12-01, ``python3 bench/moe_experts.py --sweep --pdl-only
---skip-check --shapes qwen3,deepseek,mixtral --tokens 1,4``: no gain beyond noise for the other
-two); the time each config measured is in the comment. Every shape has rows at M = 1, 4, 16, 64, 256, 1024 and 4096; other M take the
-nearest. Re-run the sweep and regenerate on another device.
+--skip-check --shapes qwen3,deepseek,mixtral --tokens 1,4``: 4-24% slower for the other two);
+the time each config measured is in the comment. Every shape has rows at M = 1, 4, 16, 64,
+256, 1024 and 4096; other M take the nearest. Re-run the sweep and regenerate on another
+device.
 """
 
 from __future__ import annotations
