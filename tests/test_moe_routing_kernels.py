@@ -512,6 +512,21 @@ def test_align_plan_thresholds(monkeypatch):
         _check_align_canonical(mr.moe_align_block_size, ids.to(DEVICE), 48, 16)
 
 
+def test_align_plan_fan_runs_one_under_the_interpreter(monkeypatch):
+    """The plan's fan rows run ``one`` under Triton's interpreter (fan's programs each redo
+    the histogram, one after another there) and fan on a GPU; a forced fan stays fan."""
+    mr = _mr()
+    seen = []
+    real = mr._align_v2
+    monkeypatch.setattr(mr, "_align_v2", lambda *a: (seen.append(a[-3]), real(*a))[1])
+    ids = torch.randint(0, 64, (40, 8), generator=_gen(3), dtype=torch.int32).to(DEVICE)
+    assert mr.align_plan(ids.numel())[0] == "fan"
+    _check_align_canonical(mr.moe_align_block_size, ids, 64, 16)
+    assert seen[-1] == ("fan" if ON_GPU else "one")
+    _check_align_canonical(mr.moe_align_variant("fan"), ids, 64, 16)
+    assert seen[-1] == "fan"
+
+
 def test_align_default_plan_rows_are_valid():
     mr = _mr()
     assert mr.ALIGN_PLAN[-1][0] >= mr._INT32_MAX // 2

@@ -19,6 +19,7 @@ import torch
 
 from fl_dispatch import checked, write_contiguous
 
+from .capability import interpreter_enabled
 from .launcher import TritonKernel, pow2
 
 _PKG = __package__ or "fl_dispatch_flagos"
@@ -155,7 +156,8 @@ The ``fan`` rows: measured on the H200 (2026-12-01, ``python3 bench/moe_routing.
 4.76 / 5.30; E128 2.35 / 2.50 / 4.04 (vLLM 4.51 / 4.63 / 5.08). 8 warps win at <= 128 routes
 with many experts (E128/E256, by 0.15 µs; E8 loses 0.2 µs there, still 0.54x vLLM), 4 warps
 at 512; 32-route chunks at 2048. At 8192 routes ``fan`` lost (10.8 vs ``two:b256`` 5.0 µs:
-every program re-reads all routes), so ``two`` from 2049."""
+every program re-reads all routes), so ``two`` from 2049. Under Triton's CPU interpreter the
+fan rows run ``one`` instead (``_align_run``: the interpreter runs programs one by one)."""
 
 
 def align_plan(numel: int) -> tuple[str, int, int]:
@@ -403,6 +405,12 @@ def _align_run(topk_ids: torch.Tensor, num_experts: int, block_size: int,
     if numel > 1 and flat.stride(0) != 1:
         flat = flat.contiguous()
     variant, block, warps = choice if choice is not None else align_plan(numel)
+    if variant == "fan" and choice is None and interpreter_enabled():
+        # Triton's CPU interpreter runs the programs one after another, and each fan program
+        # redoes the histogram of all routes: 5x to 60x `one`'s time there (40-1200 routes,
+        # 2026-12-01), minutes of CI's vLLM runs. `one` gives an equally valid result (the
+        # order inside an expert is unspecified); fan itself is tested directly.
+        variant, block, warps = "one", 0, 0
     if variant == "v1":
         _align_v1(flat, num_experts, block_size, sorted_token_ids, experts_ids,
                   num_tokens_post_pad, expert_map)
