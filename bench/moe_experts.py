@@ -284,6 +284,24 @@ def _agree(got, want, orc):
     return err, rel, torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+def replay_with_new_routing(fn, x, w, ids, T, E, k, seed):
+    """Capture ``fn(x, w, ids)`` in a CUDA graph, copy new routing and activations (``seed``)
+    into those captured inputs, replay; returns ``(output, graph)`` (keep the graph while the
+    output is used). ``x``, ``w``, ``ids`` then hold the new inputs, for the eager call to
+    compare with."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x, w, ids)
+    w_new, ids_new = make_routing(T, E, k, seed=seed)
+    w.copy_(w_new)
+    ids.copy_(ids_new)
+    x.copy_(make_x(T, x.shape[1], seed=seed))
+    graph.replay()
+    torch.cuda.synchronize()
+    return out, graph
+
+
 def check(me, ref, shapes, log, others=()):
     """Ours and each of ``others`` ((label, fn(x, w1, w2, w, ids)) pairs) vs the reference at
     small M, the same tolerance for all; then ours under CUDA-graph replay."""
@@ -330,16 +348,9 @@ def check(me, ref, shapes, log, others=()):
                 w, ids = make_routing(T, E, k, seed=100 + T)
                 x = make_x(T, K, seed=100 + T)
                 me.fused_experts(x, w1, w2, w, ids)  # compile outside the capture
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    out = me.fused_experts(x, w1, w2, w, ids)
-                w2n, ids2 = make_routing(T, E, k, seed=200 + T)
-                w.copy_(w2n)
-                ids.copy_(ids2)
-                x.copy_(make_x(T, K, seed=200 + T))
-                g.replay()
-                torch.cuda.synchronize()
+                out, _graph = replay_with_new_routing(
+                    lambda x, w, ids: me.fused_experts(x, w1, w2, w, ids), x, w, ids, T, E, k,
+                    seed=200 + T)
                 eager = me.fused_experts(x, w1, w2, w, ids)
                 same = torch.equal(out, eager)
                 rows.append({"shape": name, "T": T, "graph_replay_equal": same})
@@ -417,16 +428,9 @@ def pdl_check(me, cfg, x, w1, w2, w, ids, T, E, k):
                 diff = (got.float() - want.float()).abs().max().item()
                 return False, f"eager result differs from PDL off (max |diff| {diff:.3e})"
         xg, wg, idsg = x.clone(), w.clone(), ids.clone()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = me.fused_experts(xg, w1, w2, wg, idsg, config=cfg)
-        w_new, ids_new = make_routing(T, E, k, seed=300 + T)
-        wg.copy_(w_new)
-        idsg.copy_(ids_new)
-        xg.copy_(make_x(T, x.shape[1], seed=300 + T))
-        graph.replay()
-        torch.cuda.synchronize()
+        out, graph = replay_with_new_routing(
+            lambda x, w, ids: me.fused_experts(x, w1, w2, w, ids, config=cfg), xg, wg, idsg,
+            T, E, k, seed=300 + T)
         want = me.fused_experts(xg, w1, w2, wg, idsg, config=plain)
         if not torch.equal(out, want):
             diff = (out.float() - want.float()).abs().max().item()
