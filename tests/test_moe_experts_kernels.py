@@ -290,6 +290,181 @@ def test_fused_sum_ignored_off_the_naive_path(monkeypatch):
     assert calls == [1]
 
 
+# ----------------------------------------------------------------------------- TMA variants
+# gemm keys TMA_W (weights by tensor descriptor) and SORTED_C (the intermediate in block order,
+# GEMM2's A tile by descriptor): the interpreter emulates the descriptors, so CI runs them;
+# on an H100/H200 FL_FLAGOS_TEST_DEVICE=cuda runs them compiled (real TMA).
+
+TMA_VARIANTS = {"weights": ({"TMA_W": 1}, {"TMA_W": 1}),
+                "sorted": ({}, {"SORTED_C": 1}),
+                "all": ({"TMA_W": 1}, {"TMA_W": 1, "SORTED_C": 1})}
+
+
+def _tma_tiles(variant, bm=16, bn1=32, bk1=32, bn2=32, bk2=32):
+    tiles = _tiles(bm, bn1, bk1, 2, bn2, bk2, 1)
+    g1, g2 = TMA_VARIANTS[variant]
+    return {**tiles, "gemm1": {**tiles["gemm1"], **g1}, "gemm2": {**tiles["gemm2"], **g2}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(TMA_VARIANTS))
+def test_tma_variants_are_bit_for_bit_the_pointer_path(variant, dtype):
+    """The TMA keys change how tiles reach the GEMMs, not the arithmetic: exactly the pointer
+    path's bits. K = 80 and N = 48 with 32-wide tiles: ragged last K and N tiles (the
+    descriptors zero-fill past the edge; a gate tile past N reads up rows, an up tile past 2N
+    the next expert's, never stored); 64 tokens, k = 6, E = 8: several blocks per expert
+    and pad slots in most blocks."""
+    x, w1, w2, w, ids = _inputs(64, 80, 48, 8, 6, dtype, seed=51)
+    plain = moe_experts.fused_experts(x, w1, w2, w, ids, config=_tiles(16, 32, 32, 2, 32, 32, 1))
+    got, _ = _run(x, w1, w2, w, ids, config=_tma_tiles(variant))
+    assert torch.equal(got, plain)
+
+
+@pytest.mark.parametrize("case", ["expert_map", "gelu_router_on_input", "bm32"])
+def test_tma_variants_edge_cases(case):
+    """All TMA keys on, with: non-local experts (their blocks: GEMM1 exits, GEMM2 writes
+    zeros without reading the intermediate); top-1 with the router weight on the input and
+    gelu; BLOCK_SIZE_M 32 with a 64-wide GEMM2 K tile over N = 48 (one ragged K tile)."""
+    kw: dict = {}
+    if case == "expert_map":
+        E_g, E = 16, 6
+        x, w1, w2, w, ids = _inputs(40, 48, 48, E, 2, torch.bfloat16, seed=53, global_e=E_g)
+        emap = torch.full((E_g,), -1, dtype=torch.int32)
+        for local, glob in enumerate([3, 0, 9, 15, 4, 7]):
+            emap[glob] = local
+        kw = dict(expert_map=emap.to(DEVICE), global_num_experts=E_g)
+        tiles = _tma_tiles("all")
+    elif case == "gelu_router_on_input":
+        x, w1, w2, w, ids = _inputs(30, 48, 48, 4, 1, torch.float16, seed=55)
+        kw = dict(activation="gelu", apply_router_weight_on_input=True)
+        tiles = _tma_tiles("all")
+    else:
+        x, w1, w2, w, ids = _inputs(50, 64, 48, 4, 2, torch.bfloat16, seed=57)
+        tiles = _tma_tiles("all", bm=32, bn2=64, bk2=64)
+    got, _ = _run(x, w1, w2, w, ids, config=tiles, **kw)
+    plain = {**tiles, "gemm1": {**tiles["gemm1"], "TMA_W": 0},
+             "gemm2": {**tiles["gemm2"], "TMA_W": 0, "SORTED_C": 0}}
+    assert torch.equal(got, moe_experts.fused_experts(x, w1, w2, w, ids, config=plain, **kw))
+
+
+def test_tma_falls_back_where_a_descriptor_cannot_address_the_weights():
+    """A w1 whose experts do not fold into one row stride (a slice of a wider stack) and a
+    hidden size whose rows are not a multiple of 16 bytes (K = 36 in bf16: 72 bytes) get no
+    descriptor: the pointer path runs, still right."""
+    x, w1, w2, w, ids = _inputs(20, 48, 48, 4, 2, torch.bfloat16, seed=59)
+    wide = torch.zeros(4, 2 * 48 + 16, 48, dtype=w1.dtype, device=w1.device)
+    wide[:, :96] = w1
+    sliced = wide[:, :96]
+    assert moe_experts._tma_2d(sliced, 4 * 96, (32, 32)) is None
+    assert moe_experts._tma_2d(w1, 4 * 96, (32, 32)) is not None
+    _run(x, sliced, w2, w, ids, config=_tma_tiles("all"))
+    x, w1, w2, w, ids = _inputs(20, 36, 48, 4, 2, torch.bfloat16, seed=61)
+    assert moe_experts._tma_2d(w1, 4 * 96, (32, 32)) is None
+    _run(x, w1, w2, w, ids, config=_tma_tiles("all"))
+
+
+# ----------------------------------------------------------------------------- HALF_M
+# gemm key HALF_M: a block whose upper half holds no valid route runs a half-height tile.
+
+def _half(tiles, on=1):
+    return {**tiles, "gemm1": {**tiles["gemm1"], "HALF_M": on},
+            "gemm2": {**tiles["gemm2"], "HALF_M": on}}
+
+
+def _shuffled_blocks_align(bm_seen):
+    """The reference alignment, then each block's slots reversed: pads first. The contract
+    leaves the order inside an expert's blocks open, so HALF_M must not assume that the
+    valid routes come first."""
+    def align(ids, E, bm, sorted_ids, expert_ids, ntpp, emap):
+        torch_moe_align_block_size(ids, E, bm, sorted_ids, expert_ids, ntpp, emap)
+        n = sorted_ids.numel() // bm * bm
+        sorted_ids[:n].copy_(sorted_ids[:n].view(-1, bm).flip(1).reshape(-1))
+        bm_seen.append(bm)
+    return align
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["pointers", "all"])
+@pytest.mark.parametrize("order", ["reference", "pads_first"])
+def test_half_m_is_bit_for_bit_the_full_tile(variant, order, dtype, monkeypatch):
+    """HALF_M on both GEMMs (BLOCK_SIZE_M 32: half tiles of 16 rows): exactly the bits of the
+    full tiles, whether a block's upper half is padding (the half tile) or not. 40 tokens,
+    k = 2, E = 6 with skewed routing: experts with 1-16 routes in their last block (half
+    tiles) and with 17-31 (full tiles). With pads first in every block (the alignment
+    contract leaves the order open) no upper half is pads-only: full tiles everywhere, and
+    no route is lost (a kernel that looked at the middle slot only would drop some)."""
+    seen: list = []
+    if order == "pads_first":
+        monkeypatch.setattr(moe_experts, "_align", _shuffled_blocks_align(seen))
+    x, w1, w2, w, _ = _inputs(40, 48, 48, 6, 2, dtype, seed=63)
+    counts = [3, 16, 17, 20, 24]  # routes per expert 0..4 (80 routes), expert 5 idle
+    flat = torch.cat([torch.full((c,), e, dtype=torch.int32) for e, c in enumerate(counts)])
+    ids = flat[torch.randperm(80, generator=torch.Generator().manual_seed(5))].view(40, 2)
+    ids = torch.sort(ids, dim=1).values.to(DEVICE)
+    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], 5, ids[:, 1])  # no repeated expert
+    tiles = _tiles(32, 32, 32, 2, 32, 32, 1) if variant == "pointers" else \
+        _tma_tiles("all", bm=32)
+    full = moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
+    rows: list = []
+    if not ON_GPU:
+        _record_tile_rows(monkeypatch, rows)
+    got, _ = _run(x, w1, w2, w, ids, config=_half(tiles))
+    if ON_GPU:  # the MMA's per-row sums do not depend on the tile's height
+        assert torch.equal(got, full)
+    else:  # numpy's matmul (the interpreter's tl.dot) may block fp32 sums by shape
+        _close(got, full, dtype)
+        # an expert whose last block holds 1-16 routes: a pads-only upper half, so a half
+        # tile in each GEMM's 2 column blocks (48 columns, 32-wide), with the reference
+        # order; never with pads first
+        counts = torch.bincount(ids.flatten().cpu(), minlength=6)
+        half_blocks = int(((counts % 32 >= 1) & (counts % 32 <= 16)).sum())
+        assert half_blocks >= 3
+        halves = sum(1 for _, r in rows if r == 16)
+        assert halves == (0 if order == "pads_first" else half_blocks * 2 * 2), rows
+    assert order == "reference" or seen
+
+
+def _record_tile_rows(monkeypatch, rows):
+    """Interpreter only: fresh GEMM kernels whose tile helpers record (helper, ROWS) per
+    call, then run the real helper. The interpreter runs a helper's source in the kernel
+    module's namespace (``launcher.bind_helpers``), so what the spies use lives there."""
+    km = _package_module("kernels_moe_gemm")
+    launcher = _package_module("launcher")
+    monkeypatch.setattr(km, "_spy_rows", rows, raising=False)
+    monkeypatch.setattr(km, "_spy_real1", km._gemm1_tile, raising=False)
+    monkeypatch.setattr(km, "_spy_real2", km._gemm2_tile, raising=False)
+
+    def spy1(*args):
+        _spy_rows.append(("gemm1", int(args[16])))  # noqa: F821 (ROWS)
+        return _spy_real1(*args)  # noqa: F821
+
+    def spy2(*args):
+        _spy_rows.append(("gemm2", int(args[15])))  # noqa: F821
+        return _spy_real2(*args)  # noqa: F821
+
+    monkeypatch.setattr(km, "_gemm1_tile", spy1)
+    monkeypatch.setattr(km, "_gemm2_tile", spy2)
+    for attr in ("GEMM1_KERNEL", "GEMM2_KERNEL"):
+        old = getattr(moe_experts, attr)
+        monkeypatch.setattr(moe_experts, attr, launcher.TritonKernel(
+            old.module, old.name, old.do_not_specialize))
+
+
+def test_half_m_reaches_the_kernels_only_on_aligned_blocks_of_32_and_more(monkeypatch):
+    """The adapter passes HALF_M to both kernels for aligned blocks of >= 32 rows (a half
+    tile needs 16 rows for tl.dot); never on the naive (one route per block) decode path
+    or with BLOCK_SIZE_M 16."""
+    spies = [_LaunchSpy(kern, monkeypatch) for kern in moe_experts.KERNELS[:2]]
+    x, w1, w2, w, ids = _inputs(20, 48, 48, 4, 2, torch.bfloat16, seed=65)
+    for bm in (32, 16):
+        moe_experts.fused_experts(x, w1, w2, w, ids, config=_half(_tiles(bm, 32, 32, 1, 32,
+                                                                         32, 1)))
+    x, w1, w2, w, ids = _inputs(1, 48, 48, 16, 2, torch.bfloat16, seed=65)  # naive
+    moe_experts.fused_experts(x, w1, w2, w, ids, config=_half(_tiles(32, 32, 32, 1, 32, 32, 1)))
+    for spy in spies:
+        assert [rest["HALF_M"] for rest, _ in spy.calls] == [True, False, False]
+
+
 def test_explicit_config_override():
     x, w1, w2, w, ids = _inputs(7, 64, 96, 4, 2, torch.bfloat16, seed=21)
     cfg = {"BLOCK_SIZE_M": 32,
@@ -472,8 +647,19 @@ def _pdl(g2, **keys):
     return {**g2, "PDL": 1, **keys}
 
 
+def _named_rest(kernel, tensors, rest):
+    """{parameter name: value} of a launch's non-tensor arguments."""
+    import importlib
+    import inspect
+
+    fn = getattr(importlib.import_module(kernel.module), kernel.name)
+    names = list(inspect.signature(fn).parameters)[len(tensors):]
+    return dict(zip(names, rest, strict=True))
+
+
 class _LaunchSpy:
-    """Wraps a TritonKernel's launch: records (rest args, launch_pdl) and launches."""
+    """Wraps a TritonKernel's launch: records ({parameter name: value} of the non-tensor
+    arguments, launch_pdl) and launches."""
 
     def __init__(self, kernel, monkeypatch):
         self.calls = []
@@ -481,7 +667,7 @@ class _LaunchSpy:
 
         def launch(key, grid, device, tensors, ptrs, rest, num_warps, num_stages=None,
                    launch_pdl=False):
-            self.calls.append((tuple(rest), launch_pdl))
+            self.calls.append((_named_rest(kernel, tensors, rest), launch_pdl))
             real(key, grid, device, tensors, ptrs, rest, num_warps, num_stages, launch_pdl)
 
         monkeypatch.setattr(kernel, "launch", launch)
@@ -537,9 +723,9 @@ def test_pdl_keys_change_nothing_under_the_interpreter(M, E, k, fuse, monkeypatc
     assert len(calls) == 6
     assert all(launch_pdl is False for _, launch_pdl in calls)
     for rest, _ in spies[1].calls + spies[2].calls:
-        assert rest[-1] is False  # PDL
+        assert rest["PDL"] is False
     for rest, _ in spies[0].calls:
-        assert rest[-1] == 0  # PDL_TRIGGER
+        assert rest["PDL_TRIGGER"] == 0
 
 
 def test_pdl_zero_launches_as_before(monkeypatch):
@@ -553,7 +739,8 @@ def test_pdl_zero_launches_as_before(monkeypatch):
     assert torch.equal(moe_experts.fused_experts(x, w1, w2, w, ids, config=cfg), plain)
     (g1_rest, g1_pdl), = spies[0].calls
     (g2_rest, g2_pdl), = spies[1].calls
-    assert g1_rest[-1] == 0 and g2_rest[-1] is False and not g1_pdl and not g2_pdl
+    assert g1_rest["PDL_TRIGGER"] == 0 and g2_rest["PDL"] is False
+    assert not g1_pdl and not g2_pdl
 
 
 def test_launcher_passes_launch_pdl_only_when_asked(monkeypatch):
@@ -605,13 +792,17 @@ def _compile_sm90(fn, types_, constexprs, **options):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    jf = JITFunction(fn)  # not triton.jit: that returns the interpreter's wrapper here
+    launcher = _package_module("launcher")
+    module = __import__("sys").modules[fn.__module__]
+    # not triton.jit: that returns the interpreter's wrapper here (helpers likewise)
+    jf = JITFunction(launcher.bind_helpers(fn, module, JITFunction))
     sig = {n: ("constexpr" if n in constexprs else types_.get(n, "i32")) for n in jf.arg_names}
     src = ASTSource(jf, sig, constexprs=dict(constexprs))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-_PTRS2 = {"a_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "topk_w_ptr": "*fp32",
+_PTRS2 = {"a_ptr": "*bf16", "a_half_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16",
+          "topk_w_ptr": "*fp32",
           "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "ntpp_ptr": "*i32",
           "topk_ids_ptr": "*i32", "map_ptr": "*i32"}
 
@@ -625,16 +816,17 @@ def test_pdl_kernels_compile_for_sm90(pdl):
     pytest.importorskip("triton.backends.nvidia.compiler")
     km = _package_module("kernels_moe_gemm")
     common = dict(MUL_W=True, BLOCK_K=64, EVEN_K=True, IEEE=False, W_EVICT=1, UPCAST=False)
+    no_tma = dict(TMA_W=False, SORTED_C=False, HALF_M=pdl)  # HALF_M compiled both ways
     g2 = _compile_sm90(km.moe_gemm2_kernel, _PTRS2,
                        dict(common, NAIVE=True, HAS_MAP=False, BLOCK_M=16, BLOCK_N=64,
-                            GROUP_M=1, CLEAN_M=64, CLEAN_N=256, PDL=pdl),
+                            GROUP_M=1, CLEAN_M=64, CLEAN_N=256, PDL=pdl, **no_tma),
                        num_warps=4, num_stages=4, launch_pdl=pdl)
     g2s = _compile_sm90(km.moe_gemm2_sum_kernel, _PTRS2,
                         dict(common, TOP_K=4, BLOCK_N=32, PDL=pdl),
                         num_warps=2, num_stages=4, launch_pdl=pdl)
     g1 = _compile_sm90(km.moe_gemm1_act_kernel, _PTRS2,
                        dict(common, NAIVE=True, MUL_W=False, ACT=0, BLOCK_M=16, BLOCK_N=32,
-                            GROUP_M=1, PDL_TRIGGER=int(pdl)),
+                            GROUP_M=1, PDL_TRIGGER=int(pdl), **no_tma),
                        num_warps=4, num_stages=4)
     for k in (g2, g2s):
         assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
@@ -726,8 +918,8 @@ def test_pdl_launch_arguments(M, E, k, fuse, monkeypatch):
     def recorder(name):
         def launch(key, grid, device, tensors, ptrs, rest, num_warps, num_stages=None,
                    launch_pdl=False):
-            launches.setdefault(name, []).append((key, grid, tuple(rest), num_warps,
-                                                  launch_pdl))
+            named = _named_rest(getattr(moe_experts, name), tensors, rest)
+            launches.setdefault(name, []).append((key, grid, named, num_warps, launch_pdl))
         return launch
 
     for name in ("GEMM1_KERNEL", "GEMM2_KERNEL", "GEMM2_SUM_KERNEL"):
@@ -752,8 +944,8 @@ def test_pdl_launch_arguments(M, E, k, fuse, monkeypatch):
     g1 = launches["GEMM1_KERNEL"]
     assert len(g1) == len(g2) == 3
     assert g1[0][:4] == g1[1][:4] and g2[0][:4] == g2[1][:4]  # PDL absent: unchanged
-    assert g1[2][2][-1] == 2 and g1[2][0] != g1[0][0] and not g1[2][4]  # GEMM1: no PDL
+    assert g1[2][2]["PDL_TRIGGER"] == 2 and g1[2][0] != g1[0][0] and not g1[2][4]  # no PDL
     key, grid, rest, _, launch_pdl = g2[2]
     assert launch_pdl and key != g2[0][0] and grid == g2[0][1]
-    assert rest[-1] is True  # PDL
-    assert g2[0][2][-1] is False and not g2[0][4]
+    assert rest["PDL"] is True
+    assert g2[0][2]["PDL"] is False and not g2[0][4]

@@ -65,6 +65,109 @@ ACT_SILU = 0
 ACT_GELU = 1
 ACT_GELU_TANH = 2
 
+def _sum(a, b):
+    """Combiner for ``tl.reduce``: ``tl.sum`` and Triton's own combiners are jit functions
+    bound at ``triton.language`` import to the mode of that moment; this one is decorated
+    with the kernel, for its mode (``JIT_HELPERS``)."""
+    return a + b
+
+
+JIT_HELPERS = ("_sum", "_gemm1_tile", "_gemm2_tile")
+"""Device functions the kernels call: :mod:`.launcher` decorates them with the kernel, for the
+same mode (compiler or interpreter)."""
+
+
+def _gemm1_tile(
+    a_ptr, w_ptr, c_ptr, topk_w_ptr, routes, rmask, expert, slot0, pid_n,
+    N, K, top_k, stride_am, stride_we, stride_wn, stride_cm,
+    ROWS: tl.constexpr, MUL_W: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_EVICT: tl.constexpr,
+    UPCAST: tl.constexpr, PDL_TRIGGER: tl.constexpr, TMA_W: tl.constexpr,
+    SORTED_C: tl.constexpr,
+):
+    """GEMM1 and the activation for ``ROWS`` routes (``routes``, valid where ``rmask``) of
+    one block of ``expert`` and columns block ``pid_n``: the K loop and the epilogue of
+    :func:`moe_gemm1_act_kernel` (its parameters; ``slot0`` is the block's first slot)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (routes // top_k)[:, None] * stride_am + offs_k[None, :]
+    if TMA_W:
+        g_row = (expert * 2 * N + pid_n * BLOCK_N).to(tl.int32)
+    else:
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N  # wrap: no mask
+        w_base = w_ptr + expert * stride_we + offs_k[:, None]
+        g_ptrs = w_base + offs_n[None, :] * stride_wn
+        u_ptrs = w_base + (offs_n + N)[None, :] * stride_wn
+    acc_g = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
+    acc_u = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
+    for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if TMA_W:
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k < K - kk * BLOCK_K)[None, :],
+                            other=0.0)
+            g = tl.trans(w_ptr.load([g_row, kk * BLOCK_K]))
+            u = tl.trans(w_ptr.load([g_row + N, kk * BLOCK_K]))
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            if W_EVICT:
+                g = tl.load(g_ptrs, eviction_policy="evict_first")
+                u = tl.load(u_ptrs, eviction_policy="evict_first")
+            else:
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+        else:
+            kmask = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if W_EVICT:
+                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0,
+                            eviction_policy="evict_first")
+                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0,
+                            eviction_policy="evict_first")
+            else:
+                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:  # interpreter: its bf16 tl.dot is wrong; fp32 operands are exact
+            af = a.to(tl.float32)
+            acc_g = tl.dot(af, g.to(tl.float32), acc=acc_g, input_precision="ieee")
+            acc_u = tl.dot(af, u.to(tl.float32), acc=acc_u, input_precision="ieee")
+        elif IEEE:
+            acc_g = tl.dot(a, g, acc=acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, u, acc=acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, g, acc=acc_g)
+            acc_u = tl.dot(a, u, acc=acc_u)
+        a_ptrs += BLOCK_K
+        if not TMA_W:
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+    if PDL_TRIGGER == 2:
+        gdc_launch_dependents()
+
+    if MUL_W:
+        wt = tl.load(topk_w_ptr + routes, mask=rmask, other=0.0).to(tl.float32)
+        acc_g = acc_g * wt[:, None]
+        acc_u = acc_u * wt[:, None]
+    c_ty = c_ptr.dtype.element_ty
+    gf = acc_g.to(c_ty).to(tl.float32)
+    uf = acc_u.to(c_ty).to(tl.float32)
+    if ACT == 0:
+        y = gf / (1.0 + tl.exp(-gf))
+    elif ACT == 1:
+        y = 0.5 * gf * (1.0 + tl.math.erf(gf * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        y = 0.5 * gf * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))  # tanh via exp
+    y = (y.to(c_ty).to(tl.float32) * uf).to(c_ty)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SORTED_C:  # the whole block, pad rows too (zeros: their A rows were masked to 0)
+        slots = slot0 + tl.arange(0, ROWS).to(tl.int64)
+        tl.store(c_ptr + slots[:, None] * stride_cm + offs_cn[None, :], y,
+                 mask=offs_cn[None, :] < N)
+    else:
+        c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :]
+        tl.store(c_ptrs, y, mask=rmask[:, None] & (offs_cn[None, :] < N))
+
 
 def moe_gemm1_act_kernel(
     a_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
@@ -73,12 +176,22 @@ def moe_gemm1_act_kernel(
     NAIVE: tl.constexpr, MUL_W: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_EVICT: tl.constexpr,
-    UPCAST: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    UPCAST: tl.constexpr, PDL_TRIGGER: tl.constexpr, TMA_W: tl.constexpr,
+    SORTED_C: tl.constexpr, HALF_M: tl.constexpr,
 ):
     """c[r, n] = act(x[r // top_k] @ w1[e, n]) * (x[r // top_k] @ w1[e, N + n]).
 
     ``w`` is ``[E, 2N, K]`` with unit stride along K; ``a`` is ``[M, K]`` with unit stride
     along K; ``c`` is ``[M*k, N]`` (row stride ``stride_cm``, unit column stride).
+
+    ``TMA_W``: ``w_ptr`` is a host tensor descriptor of ``w1`` viewed as ``[E*2N, K]`` with
+    block ``[BLOCK_N, BLOCK_K]``: the weight tiles arrive by TMA (bulk copies into shared
+    memory, out-of-bounds rows and columns zero-filled), not by per-thread loads. A gate tile
+    that runs past row N of its expert reads up rows, an up tile past 2N the next expert's
+    (or zeros): only columns >= N see them, and those are never stored.
+    ``SORTED_C``: the intermediate is in aligned-block order (row ``pid_m * BLOCK_M + i`` for
+    slot i of block pid_m, pad slots included, holding zeros), so GEMM2 can read its blocks
+    as dense tiles (its ``SORTED_C``); else row ``r`` for route r.
 
     ``PDL_TRIGGER`` (when GEMM2 is launched as a PDL dependent): 0: no explicit trigger (the
     dependents launch once every program has exited); 1: ``gdc_launch_dependents()`` first
@@ -112,86 +225,121 @@ def moe_gemm1_act_kernel(
     if (expert < 0) | (expert >= num_local):
         return  # GEMM2 writes zeros for this block; its intermediate rows are never read
 
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N  # wrap: no mask
+    if HALF_M:
+        # the upper half of the block holds only pads (at prefill, the last block of most
+        # experts): a tile of half the rows, half the MMA work
+        offs_h = tl.arange(0, BLOCK_M // 2).to(tl.int64)
+        slot0 = pid_m.to(tl.int64) * BLOCK_M
+        upper = tl.load(sorted_ids_ptr + slot0 + BLOCK_M // 2 + offs_h)
+        if tl.reduce((upper < num_valid).to(tl.int32), 0, _sum) == 0:
+            lower = tl.load(sorted_ids_ptr + slot0 + offs_h).to(tl.int64)
+            _gemm1_tile(a_ptr, w_ptr, c_ptr, topk_w_ptr, lower, lower < num_valid, expert,
+                        slot0, pid_n, N, K, top_k, stride_am, stride_we, stride_wn, stride_cm,
+                        BLOCK_M // 2, MUL_W, ACT, BLOCK_N, BLOCK_K, EVEN_K, IEEE, W_EVICT,
+                        UPCAST, PDL_TRIGGER, TMA_W, SORTED_C)
+        else:
+            _gemm1_tile(a_ptr, w_ptr, c_ptr, topk_w_ptr, routes, rmask, expert, slot0, pid_n,
+                        N, K, top_k, stride_am, stride_we, stride_wn, stride_cm, BLOCK_M,
+                        MUL_W, ACT, BLOCK_N, BLOCK_K, EVEN_K, IEEE, W_EVICT, UPCAST,
+                        PDL_TRIGGER, TMA_W, SORTED_C)
+    else:
+        _gemm1_tile(a_ptr, w_ptr, c_ptr, topk_w_ptr, routes, rmask, expert,
+                    pid_m.to(tl.int64) * BLOCK_M, pid_n, N, K, top_k, stride_am, stride_we,
+                    stride_wn, stride_cm, BLOCK_M, MUL_W, ACT, BLOCK_N, BLOCK_K, EVEN_K, IEEE,
+                    W_EVICT, UPCAST, PDL_TRIGGER, TMA_W, SORTED_C)
+
+
+def _gemm2_tile(
+    a_ptr, w_ptr, c_ptr, topk_w_ptr, routes, rmask, expert, slot0, pid_n,
+    N, K, stride_am, stride_we, stride_wn, stride_cm,
+    ROWS: tl.constexpr, MUL_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_EVICT: tl.constexpr, UPCAST: tl.constexpr,
+    TMA_W: tl.constexpr, SORTED_C: tl.constexpr,
+):
+    """GEMM2 for ``ROWS`` routes of one block of a local ``expert``, columns block ``pid_n``:
+    the K loop and the weighted store of :func:`moe_gemm2_kernel` (its parameters; ``slot0``
+    is the block's first slot, the row of its A tile when ``SORTED_C``)."""
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :]
+    c_mask = rmask[:, None] & (offs_cn[None, :] < N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (routes // top_k)[:, None] * stride_am + offs_k[None, :]
-    w_base = w_ptr + expert * stride_we + offs_k[:, None]
-    g_ptrs = w_base + offs_n[None, :] * stride_wn
-    u_ptrs = w_base + (offs_n + N)[None, :] * stride_wn
-    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if SORTED_C:
+        a_row = slot0.to(tl.int32)
+    else:
+        a_ptrs = a_ptr + routes[:, None] * stride_am + offs_k[None, :]
+    if TMA_W:
+        w_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
+    else:
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N
+        w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
+    acc = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
+        if SORTED_C or TMA_W:  # the TMA variants (zero fill past K: no K mask on them)
+            if SORTED_C:
+                a = a_ptr.load([a_row, kk * BLOCK_K])
+            elif EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k < K - kk * BLOCK_K)[None, :],
+                            other=0.0)
+            if TMA_W:
+                w = tl.trans(w_ptr.load([w_row, kk * BLOCK_K]))
+            elif EVEN_K:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=(offs_k < K - kk * BLOCK_K)[:, None], other=0.0)
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
             if W_EVICT:
-                g = tl.load(g_ptrs, eviction_policy="evict_first")
-                u = tl.load(u_ptrs, eviction_policy="evict_first")
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
-                g = tl.load(g_ptrs)
-                u = tl.load(u_ptrs)
+                w = tl.load(w_ptrs)
         else:
             kmask = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             if W_EVICT:
-                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0,
-                            eviction_policy="evict_first")
-                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0,
+                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0,
                             eviction_policy="evict_first")
             else:
-                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
-                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0)
-        if UPCAST:  # interpreter: its bf16 tl.dot is wrong; fp32 operands are exact
-            af = a.to(tl.float32)
-            acc_g = tl.dot(af, g.to(tl.float32), acc=acc_g, input_precision="ieee")
-            acc_u = tl.dot(af, u.to(tl.float32), acc=acc_u, input_precision="ieee")
+                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc, input_precision="ieee")
         elif IEEE:
-            acc_g = tl.dot(a, g, acc=acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, u, acc=acc_u, input_precision="ieee")
+            acc = tl.dot(a, w, acc=acc, input_precision="ieee")
         else:
-            acc_g = tl.dot(a, g, acc=acc_g)
-            acc_u = tl.dot(a, u, acc=acc_u)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    if PDL_TRIGGER == 2:
-        gdc_launch_dependents()
-
+            acc = tl.dot(a, w, acc=acc)
+        if not SORTED_C:
+            a_ptrs += BLOCK_K
+        if not TMA_W:
+            w_ptrs += BLOCK_K
     if MUL_W:
         wt = tl.load(topk_w_ptr + routes, mask=rmask, other=0.0).to(tl.float32)
-        acc_g = acc_g * wt[:, None]
-        acc_u = acc_u * wt[:, None]
-    c_ty = c_ptr.dtype.element_ty
-    gf = acc_g.to(c_ty).to(tl.float32)
-    uf = acc_u.to(c_ty).to(tl.float32)
-    if ACT == 0:
-        y = gf / (1.0 + tl.exp(-gf))
-    elif ACT == 1:
-        y = 0.5 * gf * (1.0 + tl.math.erf(gf * 0.7071067811865476))
-    else:
-        inner = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
-        y = 0.5 * gf * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))  # tanh via exp
-    y = (y.to(c_ty).to(tl.float32) * uf).to(c_ty)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :]
-    tl.store(c_ptrs, y, mask=rmask[:, None] & (offs_cn[None, :] < N))
+        acc = acc * wt[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def moe_gemm2_kernel(
-    a_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
-    map_ptr,
+    a_ptr, a_half_ptr, w_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
+    topk_ids_ptr, map_ptr,
     N, K, EM, num_valid, num_local, num_global, num_clean,
     stride_am, stride_we, stride_wn, stride_cm,
     NAIVE: tl.constexpr, MUL_W: tl.constexpr, HAS_MAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_EVICT: tl.constexpr,
     UPCAST: tl.constexpr, CLEAN_M: tl.constexpr, CLEAN_N: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, TMA_W: tl.constexpr, SORTED_C: tl.constexpr, HALF_M: tl.constexpr,
 ):
     """c[r, :N] = (a[r] @ w2[e].T) * topk_w[r] (K is the reduction: the intermediate size).
 
     ``w`` is ``[E, N, K]`` (unit stride along K), ``a`` is ``[M*k, K]``, ``c`` rows of N.
     Programs ``pid < num_clean`` write zeros for the routes of their CLEAN_M-route chunk that
     no block holds (invalid id, or mapped to -1 when HAS_MAP), then exit.
+
+    ``TMA_W``: ``w_ptr`` is a host tensor descriptor of ``w2`` viewed as ``[E*N, K]``, block
+    ``[BLOCK_N, BLOCK_K]`` (rows past N of the expert are another expert's: their columns are
+    not stored). ``SORTED_C``: ``a_ptr`` is a host tensor descriptor of the intermediate in
+    aligned-block order (GEMM1's ``SORTED_C``), block ``[BLOCK_M, BLOCK_K]``: the block's A
+    tile is one dense TMA copy, no gather.
 
     ``PDL`` (launched as a PDL dependent of GEMM1, see the module docstring): the clean
     programs and the block's ids, expert and zero rows come before ``gdc_wait()``; the K loop,
@@ -244,38 +392,25 @@ def moe_gemm2_kernel(
         # Everything above reads only what kernels before GEMM1 wrote (ids, alignment) and
         # writes only rows GEMM1 never touches: safe before the wait (module docstring).
         gdc_wait()
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + routes[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            if W_EVICT:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs)
+    if HALF_M:  # as GEMM1's HALF_M: an upper half of pads only, a half-height tile
+        offs_h = tl.arange(0, BLOCK_M // 2).to(tl.int64)
+        slot0 = pid_m.to(tl.int64) * BLOCK_M
+        upper = tl.load(sorted_ids_ptr + slot0 + BLOCK_M // 2 + offs_h)
+        if tl.reduce((upper < num_valid).to(tl.int32), 0, _sum) == 0:
+            lower = tl.load(sorted_ids_ptr + slot0 + offs_h).to(tl.int64)
+            _gemm2_tile(a_half_ptr, w_ptr, c_ptr, topk_w_ptr, lower, lower < num_valid,
+                        expert, slot0, pid_n, N, K, stride_am, stride_we, stride_wn,
+                        stride_cm, BLOCK_M // 2, MUL_W, BLOCK_N, BLOCK_K, EVEN_K, IEEE,
+                        W_EVICT, UPCAST, TMA_W, SORTED_C)
         else:
-            kmask = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            if W_EVICT:
-                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0,
-                            eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, w, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc=acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    if MUL_W:
-        wt = tl.load(topk_w_ptr + routes, mask=rmask, other=0.0).to(tl.float32)
-        acc = acc * wt[:, None]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+            _gemm2_tile(a_ptr, w_ptr, c_ptr, topk_w_ptr, routes, rmask, expert, slot0, pid_n,
+                        N, K, stride_am, stride_we, stride_wn, stride_cm, BLOCK_M, MUL_W,
+                        BLOCK_N, BLOCK_K, EVEN_K, IEEE, W_EVICT, UPCAST, TMA_W, SORTED_C)
+    else:
+        _gemm2_tile(a_ptr, w_ptr, c_ptr, topk_w_ptr, routes, rmask, expert,
+                    pid_m.to(tl.int64) * BLOCK_M, pid_n, N, K, stride_am, stride_we, stride_wn,
+                    stride_cm, BLOCK_M, MUL_W, BLOCK_N, BLOCK_K, EVEN_K, IEEE, W_EVICT, UPCAST,
+                    TMA_W, SORTED_C)
 
 
 def moe_gemm2_sum_kernel(

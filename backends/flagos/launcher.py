@@ -12,7 +12,9 @@ dtype and whether its address is 16-byte aligned; for every specialized integer 
 
 The kernels are plain Python functions decorated here, on first use, so that the choice
 between the compiler and the CPU interpreter (``TRITON_INTERPRET``) is made when a kernel first
-runs, not when a module is imported. The interpreter always takes the slow path.
+runs, not when a module is imported. The device functions a kernel calls are plain functions
+too, listed in their module's ``JIT_HELPERS`` and decorated with the kernel, for the same mode
+(:func:`bind_helpers`). The interpreter always takes the slow path.
 
 Programmatic dependent launch (``launch_pdl=True``, sm_90+): Triton's launch option of that
 name, a ``CUDAOptions`` field, so part of Triton's own compile/cache key; the compiled
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,6 +113,34 @@ def _direct_launcher(compiled: Any) -> tuple[Callable[..., Any], Any, tuple] | N
     return run, function, hooks
 
 
+def _rebind(fn: Any, namespace: dict[str, Any]) -> Any:
+    """A copy of function ``fn`` whose globals are ``namespace`` (same code, name, module,
+    defaults and annotations: Triton reads constexprs from the annotations and the source
+    from the code's file and line)."""
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
+    for attr in ("__kwdefaults__", "__annotations__", "__qualname__", "__module__", "__doc__"):
+        setattr(new, attr, getattr(fn, attr))
+    return new
+
+
+def bind_helpers(fn: Any, module: Any, decorate: Callable[[Any], Any]) -> Any:
+    """``fn`` (a kernel, a plain function of ``module``) rebound to a private copy of the
+    module's namespace in which every device function named in ``module.JIT_HELPERS`` is
+    decorated with ``decorate`` (``triton.jit``, or ``JITFunction`` to compile without the
+    interpreter). The helpers stay plain functions in the module itself, so the kernel and
+    the helpers it calls are always decorated together, for one mode: the interpreter cannot
+    call a helper decorated for the compiler, nor the compiler one of the interpreter's. A
+    module without ``JIT_HELPERS``: ``fn`` itself."""
+    names = getattr(module, "JIT_HELPERS", ())
+    if not names:
+        return fn
+    namespace = dict(vars(module))
+    for name in names:  # helpers see the namespace too: one helper may call another
+        namespace[name] = decorate(_rebind(getattr(module, name), namespace))
+    return _rebind(fn, namespace)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block sizes."""
     return 1 << max(n - 1, 0).bit_length()
@@ -140,12 +171,13 @@ class TritonKernel:
         if fn is None:
             import triton
 
-            raw = getattr(importlib.import_module(self.module), self.name)
+            module = importlib.import_module(self.module)
+            raw = bind_helpers(getattr(module, self.name), module, triton.jit)
             fn = self._decorated[interpret] = triton.jit(
                 raw, do_not_specialize=list(self.do_not_specialize))
         return fn
 
-    def launch(self, key: tuple, grid: tuple[int, int, int], device: int,
+    def launch(self, key: tuple | None, grid: tuple[int, int, int], device: int,
                tensors: Sequence[Any], ptrs: Sequence[int], rest: Sequence[Any],
                num_warps: int, num_stages: int | None = None,
                launch_pdl: bool = False) -> None:
@@ -157,15 +189,17 @@ class TritonKernel:
         (software pipelining of the kernel's loops; None: Triton's default) must be part of
         ``key`` when it varies. ``launch_pdl``: launch as a programmatic dependent of the
         previous kernel in the stream (the kernel must ``gdc_wait()`` before it reads what
-        that kernel writes); it too must be implied by ``key``. Ignored by the interpreter."""
-        fast = self._fast.get(key)
+        that kernel writes); it too must be implied by ``key``. Ignored by the interpreter.
+        ``key`` None: always Triton's own run (arguments the fast path cannot pass, such as
+        tensor descriptors)."""
+        fast = self._fast.get(key) if key is not None else None
         if fast is not None:
             run, stream, head = fast
             run(grid[0], grid[1], grid[2], stream(device), *head, *ptrs, *rest)
             return
         self._launch_slow(key, grid, (*tensors, *rest), num_warps, num_stages, launch_pdl)
 
-    def _launch_slow(self, key: tuple, grid: tuple[int, int, int], args: Sequence[Any],
+    def _launch_slow(self, key: tuple | None, grid: tuple[int, int, int], args: Sequence[Any],
                      num_warps: int, num_stages: int | None = None,
                      launch_pdl: bool = False) -> None:
         self.slow_launches += 1

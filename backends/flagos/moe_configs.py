@@ -7,6 +7,12 @@ A config is a dict::
                "W_EVICT"},
      "gemm2": {... same keys ...}}
 
+Optional keys of either GEMM (absent = 0): ``TMA_W`` (the weight tiles by TMA, a host tensor
+descriptor; sm_90+ or the interpreter, else ignored), ``HALF_M`` (a block whose upper half
+holds only pads runs a tile of half the rows; aligned blocks of >= 32 only); of ``gemm2``:
+``SORTED_C`` (GEMM1 writes the intermediate in block order and GEMM2 reads its A tiles by
+TMA), ``FUSE_SUM``, ``PDL``, ``PDL_TRIGGER`` (decode; see :mod:`.moe_experts`).
+
 ``gemm1`` is the fused gate+up GEMM: a BLOCK_SIZE_N of 64 there computes 64 gate *and* 64
 up columns (two accumulators), so it holds as many registers as vLLM's BLOCK_SIZE_N = 128.
 
