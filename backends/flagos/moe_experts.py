@@ -11,8 +11,10 @@ Pipeline (at most 4 launches, 2 at decode):
 
 At decode (the naive assignment) with k > 1, a tile config with ``FUSE_SUM`` in its gemm2
 part does 3 and 4 in one kernel (:func:`_gemm2_sum`): bit for bit the same result as our
-kernels' pair, one launch fewer. The dispatched ``moe_sum`` is then not called, so a policy
-that gives ``moe_sum`` to another backend changes only the aligned (larger) sizes.
+kernels' pair, one launch fewer (fp16 and bf16; in fp32 the key is ignored: there the
+compiler fuses the weight product and the sum into one FMA, which the pair rounds between).
+The dispatched ``moe_sum`` is then not called, so a policy that gives ``moe_sum`` to another
+backend changes only the aligned (larger) sizes.
 
 CUDA-graph safe: no host synchronisation; every buffer's size follows from the shapes only
 (the grids cover the worst case and surplus programs exit after one load). Routes whose id is
@@ -347,7 +349,9 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     GEMM1_KERNEL.launch(key1, (num_pid_m * -(-N // bn1), 1, 1), dev, t1, p1, args1,
                         g1["num_warps"], g1["num_stages"])
 
-    if naive and k > 1 and g2.get("FUSE_SUM", 0):
+    # fp32: the compiler contracts the fused kernel's weight product and its sum into an
+    # FMA (no rounding between them: no cast to the dtype stops it), 1 ulp off the pair
+    if naive and k > 1 and g2.get("FUSE_SUM", 0) and dtype != torch.float32:
         _gemm2_sum(cache2, w2, out, tw, ids, K, N, E, k, not apply_router_weight_on_input,
                    g2, ieee, upcast, dev, pdl)
         return out
