@@ -503,7 +503,7 @@ def test_reference_vs_oracle():
 def test_reference_naive_loop():
     """The reference against a literal per-token, per-route loop (fp32)."""
     x, w1, w2, w, ids = _inputs(5, 32, 48, 4, 2, torch.float32, seed=29)
-    want = torch.zeros(5, 32)
+    want = torch.zeros(5, 32, device=x.device)
     for t in range(5):
         for j in range(2):
             e = int(ids[t, j])
@@ -869,8 +869,9 @@ def test_pdl_bit_for_bit_eager(M, E, k, K, N, fuse, dtype, monkeypatch):
     plain = moe_experts.fused_experts(x, w1, w2, w, ids, config=tiles)
     if K <= 128:  # the Qwen3-like reduction (2048) needs the tolerances of the GPU benches
         _close(plain, REF.fused_experts_reference(x, w1, w2, w, ids), dtype)
-    spy = _LaunchSpy(moe_experts.GEMM2_SUM_KERNEL if fuse and k > 1 and M * k * 4 <= E
-                     else moe_experts.GEMM2_KERNEL, monkeypatch)
+    fused = fuse and k > 1 and M * k * 4 <= E and dtype != torch.float32  # fp32: unfused
+    spy = _LaunchSpy(moe_experts.GEMM2_SUM_KERNEL if fused else moe_experts.GEMM2_KERNEL,
+                     monkeypatch)
     for keys in _PDL_VARIANTS:
         cfg = {**tiles, "gemm2": _pdl(tiles["gemm2"], **keys)}
         for _ in range(3):  # first launch (slow path, compiles), then the cached launcher
