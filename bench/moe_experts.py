@@ -443,119 +443,132 @@ def pdl_check(me, cfg, x, w1, w2, w, ids, T, E, k):
         return False, f"{type(exc).__name__}: {str(exc)[:160]}"
 
 
+def sweep_points(shapes, tokens, budget_s, log, tag):
+    """``(name, (E, N, K, k), w1, w2, T, w, ids, x)`` for each shape and number of tokens, the
+    inputs seeded as every sweep seeds them. Stops (logged) once ``budget_s`` seconds have
+    passed; a shape's weights are freed before the next shape's are made."""
+    t0 = time.time()
+    for name in shapes:
+        E, N, K, k = SHAPES[name]
+        w1, w2 = make_weights(E, N, K)
+        for T in tokens:
+            if time.time() - t0 > budget_s:
+                log(f"[{tag}] budget of {budget_s}s spent; stopping")
+                return
+            w, ids = make_routing(T, E, k, seed=T)
+            yield name, (E, N, K, k), w1, w2, T, w, ids, make_x(T, K, seed=T)
+        w1 = w2 = None
+        torch.cuda.empty_cache()
+
+
+def descend(cur, cur_ms, variants, timed):
+    """One coordinate of a descent: ``(cfg, ms)``, the fastest of ``cur`` (``cur_ms``) and the
+    ``(label, cfg)`` variants that differ from it, each timed by ``timed(cfg, label)``."""
+    for label, cfg in variants:
+        if cfg != cur:
+            ms = timed(cfg, label)
+            if ms < cur_ms:
+                cur, cur_ms = cfg, ms
+    return cur, cur_ms
+
+
 def sweep(me, mc, shapes, tokens, budget_s, log, pdl_only=False):
     """Coordinate descent per (shape, T), see the module docstring; ``pdl_only``: only the
     table's config and its PDL variants."""
-    t0 = time.time()
     best_all = {}
     pdl_ok = me.pdl_available(torch.device("cuda"))
     if not pdl_ok:
         log(f"[sweep] PDL unavailable on {torch.cuda.get_device_name()} "
             f"(sm {torch.cuda.get_device_capability()}, triton {triton.__version__}): "
             "no PDL candidates")
-    for name in shapes:
-        E, N, K, k = SHAPES[name]
-        w1, w2 = make_weights(E, N, K)
-        for T in tokens:
-            if time.time() - t0 > budget_s:
-                log(f"[sweep] budget of {budget_s}s spent; stopping")
-                break
-            w, ids = make_routing(T, E, k, seed=T)
-            x = make_x(T, K, seed=T)
-            tpe = T * k / E
-            naive = me.use_naive_assignment(T, k, E, None)
-            bms = [16] if naive else [b for b in (16, 32, 64, 128)
-                                      if b <= max(16, 2 * 2 ** math.ceil(math.log2(max(tpe, 1))))]
-            base = mc.config(T, E, N, K, k, DTYPE, torch.cuda.get_device_name())
+    for name, (E, N, K, k), w1, w2, T, w, ids, x in sweep_points(shapes, tokens, budget_s,
+                                                                    log, "sweep"):
+        tpe = T * k / E
+        naive = me.use_naive_assignment(T, k, E, None)
+        bms = [16] if naive else [b for b in (16, 32, 64, 128)
+                                  if b <= max(16, 2 * 2 ** math.ceil(math.log2(max(tpe, 1))))]
+        base = mc.config(T, E, N, K, k, DTYPE, torch.cuda.get_device_name())
 
-            def timed(cfg, x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T):
-                try:
-                    ms, _ = bench_graph(
-                        lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
-                    return ms
-                except Exception as exc:
-                    log(f"[sweep]   {name} T={T} cfg failed: {type(exc).__name__}: "
-                        f"{str(exc)[:120]}")
-                    _sync()
-                    return float("inf")
-
-            def timed_pdl(cfg, x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T, k=k, E=E):
-                """Checked first: a PDL config that fails the check is never timed."""
-                ok, why = pdl_check(me, cfg, x, w1, w2, w, ids, T, E, k)
-                if not ok:
-                    log(f"[sweep]   {name} T={T} PDL cfg FAILED the check: {why} "
-                        f"{cfg['gemm2']}")
-                    return float("inf")
-                ms = timed(cfg)
-                keys = {key: cfg["gemm2"][key] for key in PDL_KEYS if key in cfg["gemm2"]}
-                log(f"[sweep]   {name} T={T} PDL {keys} "
-                    f"fused={cfg['gemm2'].get('FUSE_SUM', 0)}: {ms * 1e3:.1f} us")
+        def timed(cfg, label="", x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T):
+            try:
+                ms, _ = bench_graph(
+                    lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
                 return ms
+            except Exception as exc:
+                log(f"[sweep]   {name} T={T} cfg failed: {type(exc).__name__}: "
+                    f"{str(exc)[:120]}")
+                _sync()
+                return float("inf")
 
-            def pdl_best(cfgs, T=T):
-                """(ms, cfg) of the best PDL variant of any of ``cfgs``, or None."""
-                found = None
-                if not (pdl_ok and T <= PDL_MAX_T):
-                    return None
-                for cfg in cfgs:
-                    for cand in _pdl_variants(cfg):
-                        ms = timed_pdl(cand)
-                        if found is None or ms < found[0]:
-                            found = (ms, cand)
-                return found
+        def timed_pdl(cfg, x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T, k=k, E=E):
+            """Checked first: a PDL config that fails the check is never timed."""
+            ok, why = pdl_check(me, cfg, x, w1, w2, w, ids, T, E, k)
+            if not ok:
+                log(f"[sweep]   {name} T={T} PDL cfg FAILED the check: {why} "
+                    f"{cfg['gemm2']}")
+                return float("inf")
+            ms = timed(cfg)
+            keys = {key: cfg["gemm2"][key] for key in PDL_KEYS if key in cfg["gemm2"]}
+            log(f"[sweep]   {name} T={T} PDL {keys} "
+                f"fused={cfg['gemm2'].get('FUSE_SUM', 0)}: {ms * 1e3:.1f} us")
+            return ms
 
-            best = (timed(base), base)
-            log(f"[sweep] {name} T={T}: table/heuristic {best[0] * 1e3:.1f} us")
-            if base["gemm2"].get("PDL", 0):  # a table row with PDL: checked like the others
-                ok, why = pdl_check(me, base, x, w1, w2, w, ids, T, E, k)
-                if not ok:
-                    log(f"[sweep]   table config FAILED the PDL check: {why}")
-                    best = (float("inf"), base)
-            if pdl_only:
-                found = pdl_best([base])
-                if found is not None and found[0] < best[0]:
-                    best = found
-                bms = []
-            for bm in bms:
-                c1, c2 = _cands(bm, naive)
-                cur = {"BLOCK_SIZE_M": bm, "gemm1": _g(c1[0]), "gemm2": _g(c2[0])}
-                cur_ms = timed(cur)
-                for cand in c1[1:]:
-                    cfg = {**cur, "gemm1": _g(cand)}
+        def pdl_best(cfgs, T=T):
+            """(ms, cfg) of the best PDL variant of any of ``cfgs``, or None."""
+            found = None
+            if not (pdl_ok and T <= PDL_MAX_T):
+                return None
+            for cfg in cfgs:
+                for cand in _pdl_variants(cfg):
+                    ms = timed_pdl(cand)
+                    if found is None or ms < found[0]:
+                        found = (ms, cand)
+            return found
+
+        best = (timed(base), base)
+        log(f"[sweep] {name} T={T}: table/heuristic {best[0] * 1e3:.1f} us")
+        if base["gemm2"].get("PDL", 0):  # a table row with PDL: checked like the others
+            ok, why = pdl_check(me, base, x, w1, w2, w, ids, T, E, k)
+            if not ok:
+                log(f"[sweep]   table config FAILED the PDL check: {why}")
+                best = (float("inf"), base)
+        if pdl_only:
+            found = pdl_best([base])
+            if found is not None and found[0] < best[0]:
+                best = found
+            bms = []
+        for bm in bms:
+            c1, c2 = _cands(bm, naive)
+            cur = {"BLOCK_SIZE_M": bm, "gemm1": _g(c1[0]), "gemm2": _g(c2[0])}
+            cur_ms = timed(cur)
+            cur, cur_ms = descend(cur, cur_ms, [("", {**cur, "gemm1": _g(c)}) for c in c1[1:]],
+                                  timed)
+            cur, cur_ms = descend(cur, cur_ms, [("", {**cur, "gemm2": _g(c)}) for c in c2[1:]],
+                                  timed)
+            pdl_bases = [cur]
+            if naive and k > 1:  # GEMM2 and the sum in one kernel (FUSE_SUM)
+                fused_best = None
+                for cand in FUSED_G2:
+                    cfg = {**cur, "gemm2": {**_g(cand), "FUSE_SUM": 1}}
                     ms = timed(cfg)
-                    if ms < cur_ms:
-                        cur, cur_ms = cfg, ms
-                for cand in c2[1:]:
-                    cfg = {**cur, "gemm2": _g(cand)}
-                    ms = timed(cfg)
-                    if ms < cur_ms:
-                        cur, cur_ms = cfg, ms
-                pdl_bases = [cur]
-                if naive and k > 1:  # GEMM2 and the sum in one kernel (FUSE_SUM)
-                    fused_best = None
-                    for cand in FUSED_G2:
-                        cfg = {**cur, "gemm2": {**_g(cand), "FUSE_SUM": 1}}
-                        ms = timed(cfg)
-                        if fused_best is None or ms < fused_best[0]:
-                            fused_best = (ms, cfg)
-                    log(f"[sweep]   bm={bm}: fused sum best {fused_best[0] * 1e3:.1f} us "
-                        f"{fused_best[1]['gemm2']} vs unfused {cur_ms * 1e3:.1f} us")
-                    pdl_bases.append(fused_best[1])
-                    if fused_best[0] < cur_ms:
-                        cur_ms, cur = fused_best
-                found = pdl_best(pdl_bases)  # GEMM2 as a PDL dependent (decode, sm_90+)
-                if found is not None:
-                    log(f"[sweep]   bm={bm}: PDL best {found[0] * 1e3:.1f} us "
-                        f"{found[1]['gemm2']} vs {cur_ms * 1e3:.1f} us without")
-                    if found[0] < cur_ms:
-                        cur_ms, cur = found
-                log(f"[sweep]   bm={bm}: best {cur_ms * 1e3:.1f} us {cur}")
-                if cur_ms < best[0]:
-                    best = (cur_ms, cur)
-            best_all.setdefault(name, {})[T] = {"us": best[0] * 1e3, "config": best[1]}
-            log(f"[sweep] {name} T={T}: BEST {best[0] * 1e3:.1f} us {best[1]}")
-        w1 = w2 = None  # free before the next shape's weights
-        torch.cuda.empty_cache()
+                    if fused_best is None or ms < fused_best[0]:
+                        fused_best = (ms, cfg)
+                log(f"[sweep]   bm={bm}: fused sum best {fused_best[0] * 1e3:.1f} us "
+                    f"{fused_best[1]['gemm2']} vs unfused {cur_ms * 1e3:.1f} us")
+                pdl_bases.append(fused_best[1])
+                if fused_best[0] < cur_ms:
+                    cur_ms, cur = fused_best
+            found = pdl_best(pdl_bases)  # GEMM2 as a PDL dependent (decode, sm_90+)
+            if found is not None:
+                log(f"[sweep]   bm={bm}: PDL best {found[0] * 1e3:.1f} us "
+                    f"{found[1]['gemm2']} vs {cur_ms * 1e3:.1f} us without")
+                if found[0] < cur_ms:
+                    cur_ms, cur = found
+            log(f"[sweep]   bm={bm}: best {cur_ms * 1e3:.1f} us {cur}")
+            if cur_ms < best[0]:
+                best = (cur_ms, cur)
+        best_all.setdefault(name, {})[T] = {"us": best[0] * 1e3, "config": best[1]}
+        log(f"[sweep] {name} T={T}: BEST {best[0] * 1e3:.1f} us {best[1]}")
     return best_all
 
 
@@ -622,93 +635,75 @@ def tma_sweep(me, mc, shapes, tokens, budget_s, log):
     Every variant's output is compared with the table config's: the keys change how tiles
     are loaded and how tall they are, not the arithmetic, so equal bits are expected (a
     mismatch is logged and the variant can never win)."""
-    t0 = time.time()
     best_all = {}
     if not me.tma_available(torch.device("cuda")):
         log("[tma] TMA unavailable on this device: nothing to sweep")
         return best_all
-    for name in shapes:
-        E, N, K, k = SHAPES[name]
-        w1, w2 = make_weights(E, N, K)
-        for T in tokens:
-            if time.time() - t0 > budget_s:
-                log(f"[tma] budget of {budget_s}s spent; stopping")
-                break
-            w, ids = make_routing(T, E, k, seed=T)
-            x = make_x(T, K, seed=T)
-            base = mc.config(T, E, N, K, k, DTYPE, torch.cuda.get_device_name())
-            want = me.fused_experts(x, w1, w2, w, ids, config=base)
+    for name, (E, N, K, k), w1, w2, T, w, ids, x in sweep_points(shapes, tokens, budget_s,
+                                                                    log, "tma"):
+        base = mc.config(T, E, N, K, k, DTYPE, torch.cuda.get_device_name())
+        want = me.fused_experts(x, w1, w2, w, ids, config=base)
 
-            def timed(cfg, label, x=x, w1=w1, w2=w2, w=w, ids=ids, want=want, T=T, name=name):
-                try:
-                    got = me.fused_experts(x, w1, w2, w, ids, config=cfg)
-                    if not torch.equal(got, want):
-                        diff = (got.float() - want.float()).abs().max().item()
-                        log(f"[tma]   {name} T={T} {label}: DIFFERS from the table config "
-                            f"(max |diff| {diff:.3e}) {cfg}")
-                        return float("inf")
-                    ms, _ = bench_graph(
-                        lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
-                except Exception as exc:
-                    log(f"[tma]   {name} T={T} {label} failed: {type(exc).__name__}: "
-                        f"{str(exc)[:120]}")
-                    _sync()
+        def timed(cfg, label, x=x, w1=w1, w2=w2, w=w, ids=ids, want=want, T=T, name=name):
+            try:
+                got = me.fused_experts(x, w1, w2, w, ids, config=cfg)
+                if not torch.equal(got, want):
+                    diff = (got.float() - want.float()).abs().max().item()
+                    log(f"[tma]   {name} T={T} {label}: DIFFERS from the table config "
+                        f"(max |diff| {diff:.3e}) {cfg}")
                     return float("inf")
-                log(f"[tma]   {name} T={T} {label}: {ms * 1e3:.1f} us")
-                return ms
+                ms, _ = bench_graph(
+                    lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
+            except Exception as exc:
+                log(f"[tma]   {name} T={T} {label} failed: {type(exc).__name__}: "
+                    f"{str(exc)[:120]}")
+                _sync()
+                return float("inf")
+            log(f"[tma]   {name} T={T} {label}: {ms * 1e3:.1f} us")
+            return ms
 
-            tried = []  # (ms, label, cfg) of every config that ran and matched
+        tried = []  # (ms, label, cfg) of every config that ran and matched
 
-            def timed_kept(cfg, label, timed=timed, tried=tried):
-                ms = timed(cfg, label)
-                if ms != float("inf"):
-                    tried.append((ms, label, cfg))
-                return ms
+        def timed_kept(cfg, label, timed=timed, tried=tried):
+            ms = timed(cfg, label)
+            if ms != float("inf"):
+                tried.append((ms, label, cfg))
+            return ms
 
-            plain = {"BLOCK_SIZE_M": base["BLOCK_SIZE_M"],
-                     **{g: {key: v for key, v in base[g].items()
-                            if key not in ("TMA_W", "SORTED_C", "HALF_M")}
-                        for g in ("gemm1", "gemm2")}}
-            best = (timed_kept(base, "table"), base)
-            if plain != base:
-                ms = timed_kept(plain, "table without TMA_W/SORTED_C/HALF_M")
-                if ms < best[0]:
-                    best = (ms, plain)
-            tma = _tma_all(base)
-            for label, cfg in (("gemm1 TMA_W", _with(base, "gemm1", TMA_W=1)),
-                               ("gemm2 TMA_W", _with(base, "gemm2", TMA_W=1)),
-                               ("TMA all", tma),
-                               ("TMA all + gemm1 HALF_M", _with(tma, "gemm1", HALF_M=1)),
-                               ("TMA all + gemm2 HALF_M", _with(tma, "gemm2", HALF_M=1)),
-                               ("TMA all + HALF_M", _half_all(tma)),
-                               ("HALF_M (no TMA)", _half_all(plain))):
-                ms = timed_kept(cfg, label)
-                if ms < best[0]:
-                    best = (ms, cfg)
-            for bm in sorted({b for b in (base["BLOCK_SIZE_M"], 128) if b >= 64}, reverse=True):
-                cur = best[1] if best[1]["BLOCK_SIZE_M"] == bm else _half_all(_tma_all(
-                    {"BLOCK_SIZE_M": bm, "gemm1": _g((*TMA_G1[0], 0)),
-                     "gemm2": _g((*TMA_G2[0], 0))}))
-                cur_ms = best[0] if cur is best[1] else timed_kept(cur, f"bm={bm} start")
-                for cand in TMA_G1:
-                    cfg = _with(cur, "gemm1", **_g((*cand, 0)))
-                    if cfg != cur:
-                        ms = timed_kept(cfg, f"bm={bm} gemm1 {cand}")
-                        if ms < cur_ms:
-                            cur, cur_ms = cfg, ms
-                for cand in TMA_G2:
-                    cfg = _with(cur, "gemm2", **_g((*cand, 0)))
-                    if cfg != cur:
-                        ms = timed_kept(cfg, f"bm={bm} gemm2 {cand}")
-                        if ms < cur_ms:
-                            cur, cur_ms = cfg, ms
-                if cur_ms < best[0]:
-                    best = (cur_ms, cur)
-            best = confirm(tried, base, plain, x, w1, w2, w, ids, me, log, f"{name} T={T}")
-            best_all.setdefault(name, {})[T] = {"us": best[0] * 1e3, "config": best[1]}
-            log(f"[tma] {name} T={T}: BEST {best[0] * 1e3:.1f} us {best[1]}")
-        w1 = w2 = None
-        torch.cuda.empty_cache()
+        plain = {"BLOCK_SIZE_M": base["BLOCK_SIZE_M"],
+                 **{g: {key: v for key, v in base[g].items()
+                        if key not in ("TMA_W", "SORTED_C", "HALF_M")}
+                    for g in ("gemm1", "gemm2")}}
+        best = (timed_kept(base, "table"), base)
+        if plain != base:
+            ms = timed_kept(plain, "table without TMA_W/SORTED_C/HALF_M")
+            if ms < best[0]:
+                best = (ms, plain)
+        tma = _tma_all(base)
+        for label, cfg in (("gemm1 TMA_W", _with(base, "gemm1", TMA_W=1)),
+                           ("gemm2 TMA_W", _with(base, "gemm2", TMA_W=1)),
+                           ("TMA all", tma),
+                           ("TMA all + gemm1 HALF_M", _with(tma, "gemm1", HALF_M=1)),
+                           ("TMA all + gemm2 HALF_M", _with(tma, "gemm2", HALF_M=1)),
+                           ("TMA all + HALF_M", _half_all(tma)),
+                           ("HALF_M (no TMA)", _half_all(plain))):
+            ms = timed_kept(cfg, label)
+            if ms < best[0]:
+                best = (ms, cfg)
+        for bm in sorted({b for b in (base["BLOCK_SIZE_M"], 128) if b >= 64}, reverse=True):
+            cur = best[1] if best[1]["BLOCK_SIZE_M"] == bm else _half_all(_tma_all(
+                {"BLOCK_SIZE_M": bm, "gemm1": _g((*TMA_G1[0], 0)),
+                 "gemm2": _g((*TMA_G2[0], 0))}))
+            cur_ms = best[0] if cur is best[1] else timed_kept(cur, f"bm={bm} start")
+            for gemm, cands in (("gemm1", TMA_G1), ("gemm2", TMA_G2)):
+                cur, cur_ms = descend(
+                    cur, cur_ms, [(f"bm={bm} {gemm} {c}", _with(cur, gemm, **_g((*c, 0))))
+                                  for c in cands], timed_kept)
+            if cur_ms < best[0]:
+                best = (cur_ms, cur)
+        best = confirm(tried, base, plain, x, w1, w2, w, ids, me, log, f"{name} T={T}")
+        best_all.setdefault(name, {})[T] = {"us": best[0] * 1e3, "config": best[1]}
+        log(f"[tma] {name} T={T}: BEST {best[0] * 1e3:.1f} us {best[1]}")
     return best_all
 
 

@@ -20,6 +20,10 @@ block per route (``NAIVE``: block ``b`` holds route ``b`` only and its expert is
   program per (token, columns block), bit for bit GEMM2 then ``moe_sum``; chosen by the tile
   config's ``FUSE_SUM``.
 
+The tile code is in device functions (``_gemm1_tile``, ``_gemm2_tile``, the loads and the
+dot), plain functions listed in ``JIT_HELPERS``: :mod:`.launcher` decorates them with the
+kernel that calls them, for the same mode (compiler or interpreter).
+
 Offsets are int64 (vLLM issue #5938: > 65k tokens overflowed int32 products). Only builtins of
 ``triton.language`` are used (no ``tl.zeros``/``tl.cdiv``/``tl.sum``: those are ``@jit``
 library functions, which Triton's interpreter cannot call when ``TRITON_INTERPRET`` is set
@@ -72,7 +76,47 @@ def _sum(a, b):
     return a + b
 
 
-JIT_HELPERS = ("_sum", "_gemm1_tile", "_gemm2_tile")
+def _load_a(a_ptrs, rmask, offs_k, kk, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The A tile of K step ``kk``: rows where ``rmask``, zero past K unless ``EVEN_K``."""
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k < K - kk * BLOCK_K)[None, :],
+                    other=0.0)
+    return a
+
+
+def _load_w(w_ptrs, offs_k, kk, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+            W_EVICT: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` weight tile of K step ``kk`` by pointers: zero past K unless
+    ``EVEN_K``; evicted from the caches first when ``W_EVICT`` (weights streamed once)."""
+    if EVEN_K:
+        if W_EVICT:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs)
+    else:
+        kmask = (offs_k < K - kk * BLOCK_K)[:, None]
+        if W_EVICT:
+            w = tl.load(w_ptrs, mask=kmask, other=0.0, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=kmask, other=0.0)
+    return w
+
+
+def _dot(a, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ w`` in fp32: ieee for fp32 inputs; ``UPCAST`` (the interpreter, whose bf16
+    ``tl.dot`` is wrong) on fp32 copies, which are exact."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc, input_precision="ieee")
+    elif IEEE:
+        acc = tl.dot(a, w, acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, w, acc=acc)
+    return acc
+
+
+JIT_HELPERS = ("_sum", "_load_a", "_load_w", "_dot", "_gemm1_tile", "_gemm2_tile")
 """Device functions the kernels call: :mod:`.launcher` decorates them with the kernel, for the
 same mode (compiler or interpreter)."""
 
@@ -100,43 +144,15 @@ def _gemm1_tile(
     acc_g = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
     acc_u = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        a = _load_a(a_ptrs, rmask, offs_k, kk, K, BLOCK_K, EVEN_K)
         if TMA_W:
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k < K - kk * BLOCK_K)[None, :],
-                            other=0.0)
             g = tl.trans(w_ptr.load([g_row, kk * BLOCK_K]))
             u = tl.trans(w_ptr.load([g_row + N, kk * BLOCK_K]))
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            if W_EVICT:
-                g = tl.load(g_ptrs, eviction_policy="evict_first")
-                u = tl.load(u_ptrs, eviction_policy="evict_first")
-            else:
-                g = tl.load(g_ptrs)
-                u = tl.load(u_ptrs)
         else:
-            kmask = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            if W_EVICT:
-                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0,
-                            eviction_policy="evict_first")
-                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0,
-                            eviction_policy="evict_first")
-            else:
-                g = tl.load(g_ptrs, mask=kmask[:, None], other=0.0)
-                u = tl.load(u_ptrs, mask=kmask[:, None], other=0.0)
-        if UPCAST:  # interpreter: its bf16 tl.dot is wrong; fp32 operands are exact
-            af = a.to(tl.float32)
-            acc_g = tl.dot(af, g.to(tl.float32), acc=acc_g, input_precision="ieee")
-            acc_u = tl.dot(af, u.to(tl.float32), acc=acc_u, input_precision="ieee")
-        elif IEEE:
-            acc_g = tl.dot(a, g, acc=acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, u, acc=acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(a, g, acc=acc_g)
-            acc_u = tl.dot(a, u, acc=acc_u)
+            g = _load_w(g_ptrs, offs_k, kk, K, BLOCK_K, EVEN_K, W_EVICT)
+            u = _load_w(u_ptrs, offs_k, kk, K, BLOCK_K, EVEN_K, W_EVICT)
+        acc_g = _dot(a, g, acc_g, IEEE, UPCAST)
+        acc_u = _dot(a, u, acc_u, IEEE, UPCAST)
         a_ptrs += BLOCK_K
         if not TMA_W:
             g_ptrs += BLOCK_K
@@ -274,40 +290,15 @@ def _gemm2_tile(
         w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
     acc = tl.full((ROWS, BLOCK_N), 0.0, tl.float32)
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if SORTED_C or TMA_W:  # the TMA variants (zero fill past K: no K mask on them)
-            if SORTED_C:
-                a = a_ptr.load([a_row, kk * BLOCK_K])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k < K - kk * BLOCK_K)[None, :],
-                            other=0.0)
-            if TMA_W:
-                w = tl.trans(w_ptr.load([w_row, kk * BLOCK_K]))
-            elif EVEN_K:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=(offs_k < K - kk * BLOCK_K)[:, None], other=0.0)
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            if W_EVICT:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs)
+        if SORTED_C:  # a dense TMA copy (zero past K)
+            a = a_ptr.load([a_row, kk * BLOCK_K])
         else:
-            kmask = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            if W_EVICT:
-                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0,
-                            eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, w, acc=acc, input_precision="ieee")
+            a = _load_a(a_ptrs, rmask, offs_k, kk, K, BLOCK_K, EVEN_K)
+        if TMA_W:
+            w = tl.trans(w_ptr.load([w_row, kk * BLOCK_K]))
         else:
-            acc = tl.dot(a, w, acc=acc)
+            w = _load_w(w_ptrs, offs_k, kk, K, BLOCK_K, EVEN_K, W_EVICT)
+        acc = _dot(a, w, acc, IEEE, UPCAST)
         if not SORTED_C:
             a_ptrs += BLOCK_K
         if not TMA_W:
@@ -456,27 +447,9 @@ def moe_gemm2_sum_kernel(
             w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
             acc = tl.full((16, BLOCK_N), 0.0, tl.float32)
             for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=row0[:, None], other=0.0)
-                    if W_EVICT:
-                        w = tl.load(w_ptrs, eviction_policy="evict_first")
-                    else:
-                        w = tl.load(w_ptrs)
-                else:
-                    kmask = offs_k < K - kk * BLOCK_K
-                    a = tl.load(a_ptrs, mask=row0[:, None] & kmask[None, :], other=0.0)
-                    if W_EVICT:
-                        w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0,
-                                    eviction_policy="evict_first")
-                    else:
-                        w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc=acc,
-                                 input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(a, w, acc=acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, w, acc=acc)
+                a = _load_a(a_ptrs, row0, offs_k, kk, K, BLOCK_K, EVEN_K)
+                w = _load_w(w_ptrs, offs_k, kk, K, BLOCK_K, EVEN_K, W_EVICT)
+                acc = _dot(a, w, acc, IEEE, UPCAST)
                 a_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K
             if MUL_W:
