@@ -789,23 +789,6 @@ def test_launcher_passes_launch_pdl_only_when_asked(monkeypatch):
     assert seen[3] == ("slow", {"num_warps": 4})
 
 
-def _compile_sm90(fn, types_, constexprs, **options):
-    """``fn`` (a plain kernel function) compiled for sm_90 without a GPU: Triton's NVIDIA
-    backend and its bundled ptxas (so the PTX is assembled, not only emitted)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    launcher = _package_module("launcher")
-    module = __import__("sys").modules[fn.__module__]
-    # not triton.jit: that returns the interpreter's wrapper here (helpers likewise)
-    jf = JITFunction(launcher.bind_helpers(fn, module, JITFunction))
-    sig = {n: ("constexpr" if n in constexprs else types_.get(n, "i32")) for n in jf.arg_names}
-    src = ASTSource(jf, sig, constexprs=dict(constexprs))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
 _PTRS2 = {"a_ptr": "*bf16", "a_half_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16",
           "topk_w_ptr": "*fp32",
           "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "ntpp_ptr": "*i32",
@@ -813,23 +796,22 @@ _PTRS2 = {"a_ptr": "*bf16", "a_half_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*
 
 
 @pytest.mark.parametrize("pdl", [False, True])
-def test_pdl_kernels_compile_for_sm90(pdl):
+def test_pdl_kernels_compile_for_sm90(pdl, compile_sm90):
     """The three kernels compile for sm_90 (Triton's own backend and ptxas, no GPU needed)
     with PDL on and off: on, both GEMM2s' PTX has griddepcontrol.wait and their metadata
     launch_pdl; GEMM1 has launch_dependents; off, none of them (the PDL-free kernels are the
     plain ones)."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
     km = _package_module("kernels_moe_gemm")
     common = dict(MUL_W=True, BLOCK_K=64, EVEN_K=True, IEEE=False, W_EVICT=1, UPCAST=False)
     no_tma = dict(TMA_W=False, SORTED_C=False, HALF_M=pdl)  # HALF_M compiled both ways
-    g2 = _compile_sm90(km.moe_gemm2_kernel, _PTRS2,
+    g2 = compile_sm90(km, "moe_gemm2_kernel", _PTRS2,
                        dict(common, NAIVE=True, HAS_MAP=False, BLOCK_M=16, BLOCK_N=64,
                             GROUP_M=1, CLEAN_M=64, CLEAN_N=256, PDL=pdl, **no_tma),
                        num_warps=4, num_stages=4, launch_pdl=pdl)
-    g2s = _compile_sm90(km.moe_gemm2_sum_kernel, _PTRS2,
+    g2s = compile_sm90(km, "moe_gemm2_sum_kernel", _PTRS2,
                         dict(common, TOP_K=4, BLOCK_N=32, PDL=pdl),
                         num_warps=2, num_stages=4, launch_pdl=pdl)
-    g1 = _compile_sm90(km.moe_gemm1_act_kernel, _PTRS2,
+    g1 = compile_sm90(km, "moe_gemm1_act_kernel", _PTRS2,
                        dict(common, NAIVE=True, MUL_W=False, ACT=0, BLOCK_M=16, BLOCK_N=32,
                             GROUP_M=1, PDL_TRIGGER=int(pdl), **no_tma),
                        num_warps=4, num_stages=4)
@@ -837,6 +819,32 @@ def test_pdl_kernels_compile_for_sm90(pdl):
         assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
         assert bool(k.metadata.launch_pdl) == pdl
     assert ("griddepcontrol.launch_dependents" in g1.asm["ptx"]) == pdl
+
+
+def test_prefill_kernels_compile_for_sm90_with_tma(compile_sm90):
+    """The prefill variants (TMA_W, SORTED_C, HALF_M) compile for sm_90: the weights and,
+    with SORTED_C, GEMM2's A tiles arrive by TMA (``cp.async.bulk.tensor``) and the tiles,
+    full and half height, run on wgmma; without the keys there is no TMA load."""
+    km = _package_module("kernels_moe_gemm")
+    prefill = dict(MUL_W=False, EVEN_K=True, IEEE=False, UPCAST=False, NAIVE=False,
+                   BLOCK_M=128, BLOCK_K=64, GROUP_M=16, W_EVICT=0)
+    desc = "tensordesc<bf16[{}, 64]>"
+    g1 = compile_sm90(km, "moe_gemm1_act_kernel", {**_PTRS2, "w_ptr": desc.format(128)},
+                      dict(prefill, ACT=0, BLOCK_N=128, PDL_TRIGGER=0, TMA_W=True,
+                           SORTED_C=True, HALF_M=True), num_warps=8, num_stages=4)
+    g2 = compile_sm90(km, "moe_gemm2_kernel",
+                      {**_PTRS2, "a_ptr": desc.format(128), "a_half_ptr": desc.format(64),
+                       "w_ptr": desc.format(256)},
+                      dict(prefill, MUL_W=True, HAS_MAP=False, BLOCK_N=256, CLEAN_M=64,
+                           CLEAN_N=256, PDL=False, TMA_W=True, SORTED_C=True, HALF_M=True),
+                      num_warps=8, num_stages=4)
+    plain = compile_sm90(km, "moe_gemm1_act_kernel", _PTRS2,
+                         dict(prefill, ACT=0, BLOCK_N=128, PDL_TRIGGER=0, TMA_W=False,
+                              SORTED_C=False, HALF_M=False), num_warps=8, num_stages=4)
+    for k in (g1, g2):
+        assert "cp.async.bulk.tensor" in k.asm["ptx"]
+        assert "wgmma.mma_async" in k.asm["ptx"]
+    assert "cp.async.bulk.tensor" not in plain.asm["ptx"]
 
 
 def _gpu_pdl_or_skip():

@@ -29,40 +29,55 @@ import triton.language as tl
 _sum = tl.standard._sum_combine
 """Combiner for ``tl.reduce``/``tl.associative_scan`` (see kernels_norm: ``tl.sum`` and
 ``tl.cumsum`` are jit functions bound to the mode active when Triton was imported; the
-interpreter recognises this combiner, while a custom one, max-scan say, would not run)."""
+interpreter recognises this combiner and reduces with numpy, while a custom one runs element
+by element there: the routing tests took over ten times longer with one)."""
 
 
-def moe_align_small_kernel(
-    ids_ptr, sorted_ptr, eids_ptr, ntpp_ptr, cursor_ptr, map_ptr,
-    numel, n_experts, block_size, sorted_len, eids_len,
-    HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    """The whole op in one program (numel <= BLOCK_N): histogram, padded exclusive cumsum,
-    pad fill, atomic scatter, expert ids of the blocks. ``cursor_ptr``: int32
-    scratch of at least E entries (no initial value needed). BLOCK_E > E (bin E collects the
-    skipped routes)."""
-    offs = tl.arange(0, BLOCK_N)
-    nmask = offs < numel
-    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
-    valid = nmask & (raw >= 0) & (raw < n_experts)
-    ex = tl.where(valid, raw, n_experts).to(tl.int32)
-    ecols = tl.arange(0, BLOCK_E)
-    emask = ecols < n_experts
-    counts = tl.where(emask, tl.histogram(ex, BLOCK_E), 0)
+def _experts_of(ids_ptr, offs, numel, n_experts, skip):
+    """``(e, v)`` of the routes at ``offs``: ``v`` where the route exists (``< numel``) and
+    its id is an expert in ``[0, n_experts)``, ``e`` that expert (int32), ``skip`` elsewhere."""
+    m = offs < numel
+    raw = tl.load(ids_ptr + offs, mask=m, other=-1)
+    v = m & (raw >= 0) & (raw < n_experts)
+    return tl.where(v, raw, skip).to(tl.int32), v
+
+
+def _segments(counts, block_size):
+    """``(padded, starts, total)`` of per-expert route counts: each count rounded up to a
+    multiple of ``block_size``, their exclusive cumsum (the segments' first slots) and sum
+    (``num_tokens_post_pad``)."""
     padded = (counts + block_size - 1) // block_size * block_size
-    starts = tl.associative_scan(padded, 0, _sum) - padded
-    total = tl.reduce(padded, 0, _sum)
-    tl.store(ntpp_ptr, total)
-    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
-    for s0 in range(0, sorted_len, BLOCK_S):
-        so = s0 + tl.arange(0, BLOCK_S)
-        tl.store(sorted_ptr + so, pad, mask=so < sorted_len)
-    tl.store(cursor_ptr + ecols, starts, mask=emask)
-    tl.debug_barrier()  # pad fill and cursors before the scatter (other threads' slots)
-    pos = tl.atomic_add(cursor_ptr + ex, 1, mask=valid)
-    tl.store(sorted_ptr + pos, offs, mask=valid)
-    # experts_ids[b] = #experts whose segment ends at or before block b (see module doc)
+    return padded, tl.associative_scan(padded, 0, _sum) - padded, tl.reduce(padded, 0, _sum)
+
+
+def _rank(o, e, v):
+    """Per route (flat index ``o``, expert ``e``), the number of routes of the same expert
+    with a smaller flat index among these: its rank by comparison (a square mask, no atomics),
+    so the order inside an expert is the flat order. ``v`` (or None: the skipped routes have
+    an expert of their own) masks the skipped routes out of the count."""
+    earlier = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :])
+    if v is not None:
+        earlier = earlier & v[None, :]
+    return tl.reduce(earlier.to(tl.int32), 1, _sum)
+
+
+def _place(sorted_ptr, eids_ptr, map_ptr, o, e, v, p, block_size, HAS_MAP: tl.constexpr):
+    """The valid (``v``) routes ``o`` into slots ``p``; a route in the first slot of a block
+    writes the block's expert ``e`` (through ``expert_map`` when HAS_MAP) to ``experts_ids``
+    (v2: segments start at multiples of the block size)."""
+    tl.store(sorted_ptr + p, o, mask=v)
+    head = v & (p % block_size == 0)
+    if HAS_MAP:
+        e_out = tl.load(map_ptr + e, mask=head, other=0).to(tl.int32)
+    else:
+        e_out = e
+    tl.store(eids_ptr + p // block_size, e_out, mask=head)
+
+
+def _block_experts(eids_ptr, map_ptr, starts, padded, emask, total, block_size, eids_len,
+                   HAS_MAP: tl.constexpr, BLOCK_B: tl.constexpr):
+    """v1: ``experts_ids`` of every block by histograms of the segments' ends (module doc);
+    0 for the unused blocks."""
     end_blk = tl.where(emask, (starts + padded) // block_size, 2**30)
     used = total // block_size
     bcols = tl.arange(0, BLOCK_B)
@@ -78,6 +93,54 @@ def moe_align_small_kernel(
         tl.store(eids_ptr + bo, tl.where(inuse, e_of_b, 0).to(tl.int32), mask=bo < eids_len)
 
 
+def _fill(ptr, value, lo, n, lower, upper, BLOCK: tl.constexpr):
+    """``ptr[i] = value`` for ``i`` in ``[lo, lo + n)`` with ``lower <= i < upper`` (``lo``
+    None: 0, and ``n`` is ``upper``; ``lower`` None: no lower bound)."""
+    fill = tl.full([BLOCK], 0, tl.int32) + value
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        if lo is None:
+            mask = i < upper
+        else:
+            mask = (i < n) & (lo + i < upper)
+            i = lo + i
+        if lower is not None:
+            mask = mask & (i >= lower)
+        tl.store(ptr + i, fill, mask=mask)
+
+
+JIT_HELPERS = ("_experts_of", "_segments", "_rank", "_place", "_block_experts", "_fill")
+"""Device functions of these kernels: :mod:`.launcher` decorates them with the kernel that
+calls them, for the same mode (compiler or interpreter)."""
+
+
+def moe_align_small_kernel(
+    ids_ptr, sorted_ptr, eids_ptr, ntpp_ptr, cursor_ptr, map_ptr,
+    numel, n_experts, block_size, sorted_len, eids_len,
+    HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The whole op in one program (numel <= BLOCK_N): histogram, padded exclusive cumsum,
+    pad fill, atomic scatter, expert ids of the blocks. ``cursor_ptr``: int32
+    scratch of at least E entries (no initial value needed). BLOCK_E > E (bin E collects the
+    skipped routes)."""
+    offs = tl.arange(0, BLOCK_N)
+    ex, valid = _experts_of(ids_ptr, offs, numel, n_experts, n_experts)
+    ecols = tl.arange(0, BLOCK_E)
+    emask = ecols < n_experts
+    counts = tl.where(emask, tl.histogram(ex, BLOCK_E), 0)
+    padded, starts, total = _segments(counts, block_size)
+    tl.store(ntpp_ptr, total)
+    _fill(sorted_ptr, numel, None, sorted_len, None, sorted_len, BLOCK_S)
+    tl.store(cursor_ptr + ecols, starts, mask=emask)
+    tl.debug_barrier()  # pad fill and cursors before the scatter (other threads' slots)
+    pos = tl.atomic_add(cursor_ptr + ex, 1, mask=valid)
+    tl.store(sorted_ptr + pos, offs, mask=valid)
+    # experts_ids[b] = #experts whose segment ends at or before block b (see module doc)
+    _block_experts(eids_ptr, map_ptr, starts, padded, emask, total, block_size, eids_len,
+                   HAS_MAP, BLOCK_B)
+
+
 def moe_align_count_kernel(
     ids_ptr, counts_ptr, sorted_ptr,
     numel, n_experts, sorted_len, fill_per_prog,
@@ -87,20 +150,13 @@ def moe_align_count_kernel(
     ``counts[pid, :E]``; this program's share of the pad fill of ``sorted_token_ids``."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
-    nmask = offs < numel
-    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
-    valid = nmask & (raw >= 0) & (raw < n_experts)
-    ex = tl.where(valid, raw, n_experts).to(tl.int32)
+    ex, _ = _experts_of(ids_ptr, offs, numel, n_experts, n_experts)
     ecols = tl.arange(0, BLOCK_E)
     counts = tl.histogram(ex, BLOCK_E)
     tl.store(counts_ptr + pid.to(tl.int64) * n_experts + ecols, counts,
              mask=ecols < n_experts)
-    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
-    s_lo = pid.to(tl.int64) * fill_per_prog
-    for s0 in range(0, fill_per_prog, BLOCK_S):
-        so = s_lo + s0 + tl.arange(0, BLOCK_S)
-        tl.store(sorted_ptr + so, pad, mask=(so < sorted_len) & (s0 + tl.arange(0, BLOCK_S)
-                                                                  < fill_per_prog))
+    _fill(sorted_ptr, numel, pid.to(tl.int64) * fill_per_prog, fill_per_prog, None, sorted_len,
+          BLOCK_S)
 
 
 def moe_align_scan_kernel(
@@ -123,9 +179,7 @@ def moe_align_scan_kernel(
         c = tl.load(counts_ptr + t.to(tl.int64)[:, None] * n_experts + ecols[None, :],
                     mask=m, other=0)
         totals += tl.reduce(c, 0, _sum)
-    padded = (totals + block_size - 1) // block_size * block_size
-    starts = tl.associative_scan(padded, 0, _sum) - padded
-    total = tl.reduce(padded, 0, _sum)
+    padded, starts, total = _segments(totals, block_size)
     tl.store(ntpp_ptr, total)
     tl.debug_barrier()  # every thread's totals loads before any cursor is written in place
     running = starts
@@ -138,19 +192,8 @@ def moe_align_scan_kernel(
         tl.debug_barrier()
         tl.store(ptrs, running[None, :] + incl - c, mask=m)
         running += tl.reduce(c, 0, _sum)
-    end_blk = tl.where(emask, (starts + padded) // block_size, 2**30)
-    used = total // block_size
-    bcols = tl.arange(0, BLOCK_B)
-    for b0 in range(0, eids_len, BLOCK_B):
-        v = tl.minimum(tl.maximum(end_blk - b0, 0), BLOCK_B - 1)
-        over = tl.reduce((end_blk - b0 >= BLOCK_B).to(tl.int32), 0, _sum)
-        hist = tl.histogram(v, BLOCK_B)
-        e_of_b = tl.associative_scan(hist, 0, _sum) - tl.where(bcols == BLOCK_B - 1, over, 0)
-        bo = b0 + bcols
-        inuse = bo < used
-        if HAS_MAP:
-            e_of_b = tl.load(map_ptr + e_of_b, mask=inuse, other=0)
-        tl.store(eids_ptr + bo, tl.where(inuse, e_of_b, 0).to(tl.int32), mask=bo < eids_len)
+    _block_experts(eids_ptr, map_ptr, starts, padded, emask, total, block_size, eids_len,
+                   HAS_MAP, BLOCK_B)
 
 
 def moe_align_scatter_kernel(
@@ -162,10 +205,7 @@ def moe_align_scatter_kernel(
     (tile, expert) cursor and writes its flat index there."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
-    nmask = offs < numel
-    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
-    valid = nmask & (raw >= 0) & (raw < n_experts)
-    ex = tl.where(valid, raw, 0).to(tl.int32)
+    ex, valid = _experts_of(ids_ptr, offs, numel, n_experts, 0)
     pos = tl.atomic_add(cursor_ptr + pid.to(tl.int64) * n_experts + ex, 1, mask=valid)
     tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=valid)
 
@@ -198,33 +238,19 @@ def moe_align_one_kernel(
     emask = ecols < n_experts
     if ONE_CHUNK:
         offs = tl.arange(0, BLOCK_N)
-        nmask = offs < numel
-        raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
-        valid = nmask & (raw >= 0) & (raw < n_experts)
-        ex = tl.where(valid, raw, n_experts).to(tl.int32)
+        ex, valid = _experts_of(ids_ptr, offs, numel, n_experts, n_experts)
         counts = tl.histogram(ex, BLOCK_E)
     else:
         counts = tl.full([BLOCK_E], 0, tl.int32)
         for c0 in range(0, numel, BLOCK_N):
-            o = c0 + tl.arange(0, BLOCK_N)
-            m = o < numel
-            r = tl.load(ids_ptr + o, mask=m, other=-1)
-            v = m & (r >= 0) & (r < n_experts)
-            counts += tl.histogram(tl.where(v, r, n_experts).to(tl.int32), BLOCK_E)
+            e, _ = _experts_of(ids_ptr, c0 + tl.arange(0, BLOCK_N), numel, n_experts,
+                               n_experts)
+            counts += tl.histogram(e, BLOCK_E)
     counts = tl.where(emask, counts, 0)
-    padded = (counts + block_size - 1) // block_size * block_size
-    starts = tl.associative_scan(padded, 0, _sum) - padded
-    total = tl.reduce(padded, 0, _sum)
+    padded, starts, total = _segments(counts, block_size)
     tl.store(ntpp_ptr, total)
-    used = total // block_size
-    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
-    for s0 in range(0, sorted_len, BLOCK_S):
-        so = s0 + tl.arange(0, BLOCK_S)
-        tl.store(sorted_ptr + so, pad, mask=so < sorted_len)
-    zero = tl.full([BLOCK_S], 0, tl.int32)
-    for b0 in range(0, eids_len, BLOCK_S):
-        bo = b0 + tl.arange(0, BLOCK_S)
-        tl.store(eids_ptr + bo, zero, mask=(bo >= used) & (bo < eids_len))
+    _fill(sorted_ptr, numel, None, sorted_len, None, sorted_len, BLOCK_S)
+    _fill(eids_ptr, 0, None, eids_len, total // block_size, eids_len, BLOCK_S)
     if RANK == 0:
         tl.store(cursor_ptr + ecols, starts, mask=emask)
     tl.debug_barrier()  # pad fill (and cursors) before the scatter (other threads' slots)
@@ -232,36 +258,19 @@ def moe_align_one_kernel(
         if RANK == 0:
             pos = tl.atomic_add(cursor_ptr + ex, 1, mask=valid, sem="relaxed", scope="cta")
         else:
-            earlier = (offs[None, :] < offs[:, None]) & (ex[:, None] == ex[None, :])
-            pos = tl.gather(starts, ex, 0) + tl.reduce(earlier.to(tl.int32), 1, _sum)
-        tl.store(sorted_ptr + pos, offs, mask=valid)
-        head = valid & (pos % block_size == 0)
-        if HAS_MAP:
-            e_out = tl.load(map_ptr + ex, mask=head, other=0).to(tl.int32)
-        else:
-            e_out = ex
-        tl.store(eids_ptr + pos // block_size, e_out, mask=head)
+            pos = tl.gather(starts, ex, 0) + _rank(offs, ex, None)
+        _place(sorted_ptr, eids_ptr, map_ptr, offs, ex, valid, pos, block_size, HAS_MAP)
     else:
         running = starts
         for c0 in range(0, numel, BLOCK_N):
             o = c0 + tl.arange(0, BLOCK_N)
-            m = o < numel
-            r = tl.load(ids_ptr + o, mask=m, other=-1)
-            v = m & (r >= 0) & (r < n_experts)
-            e = tl.where(v, r, n_experts).to(tl.int32)
+            e, v = _experts_of(ids_ptr, o, numel, n_experts, n_experts)
             if RANK == 0:
                 p = tl.atomic_add(cursor_ptr + e, 1, mask=v, sem="relaxed", scope="cta")
             else:
-                before = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :])
-                p = tl.gather(running, e, 0) + tl.reduce(before.to(tl.int32), 1, _sum)
+                p = tl.gather(running, e, 0) + _rank(o, e, None)
                 running += tl.histogram(e, BLOCK_E)
-            tl.store(sorted_ptr + p, o, mask=v)
-            hd = v & (p % block_size == 0)
-            if HAS_MAP:
-                eo = tl.load(map_ptr + e, mask=hd, other=0).to(tl.int32)
-            else:
-                eo = e
-            tl.store(eids_ptr + p // block_size, eo, mask=hd)
+            _place(sorted_ptr, eids_ptr, map_ptr, o, e, v, p, block_size, HAS_MAP)
 
 
 def moe_align_place_kernel(
@@ -293,52 +302,28 @@ def moe_align_place_kernel(
                     mask=m, other=0)
         totals += tl.reduce(c, 0, _sum)
         before += tl.reduce(tl.where((t < pid)[:, None], c, 0), 0, _sum)
-    padded = (totals + block_size - 1) // block_size * block_size
-    starts = tl.associative_scan(padded, 0, _sum) - padded
-    total = tl.reduce(padded, 0, _sum)
+    padded, starts, total = _segments(totals, block_size)
     tl.store(ntpp_ptr, total, mask=pid == 0)
-    used = total // block_size
-    zero = tl.full([BLOCK_S], 0, tl.int32)
-    b_lo = pid * eids_per_prog
-    for b0 in range(0, eids_per_prog, BLOCK_S):
-        bo = b_lo + b0 + tl.arange(0, BLOCK_S)
-        tl.store(eids_ptr + bo, zero, mask=(bo >= used) & (bo < eids_len)
-                 & (b0 + tl.arange(0, BLOCK_S) < eids_per_prog))
+    _fill(eids_ptr, 0, pid * eids_per_prog, eids_per_prog, total // block_size, eids_len,
+          BLOCK_S)
     if RANK == 0:
         cur = cursor_ptr + pid.to(tl.int64) * n_experts
         tl.store(cur + ecols, starts + before, mask=emask)
         tl.debug_barrier()  # this program's cursors before its atomics
         offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
-        nmask = offs < numel
-        raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
-        valid = nmask & (raw >= 0) & (raw < n_experts)
-        ex = tl.where(valid, raw, 0).to(tl.int32)
+        ex, valid = _experts_of(ids_ptr, offs, numel, n_experts, 0)
         pos = tl.atomic_add(cur + ex, 1, mask=valid, sem="relaxed", scope="cta")
-        tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=valid)
-        head = valid & (pos % block_size == 0)
-        if HAS_MAP:
-            e_out = tl.load(map_ptr + ex, mask=head, other=0).to(tl.int32)
-        else:
-            e_out = ex
-        tl.store(eids_ptr + pos // block_size, e_out, mask=head)
+        _place(sorted_ptr, eids_ptr, map_ptr, offs.to(tl.int32), ex, valid, pos, block_size,
+               HAS_MAP)
     else:
         running = starts + before
         for c0 in range(0, TILE, CHUNK):
             o = pid.to(tl.int64) * TILE + c0 + tl.arange(0, CHUNK)
-            m = o < numel
-            r = tl.load(ids_ptr + o, mask=m, other=-1)
-            v = m & (r >= 0) & (r < n_experts)
-            e = tl.where(v, r, n_experts).to(tl.int32)
-            earlier = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :])
-            p = tl.gather(running, e, 0) + tl.reduce(earlier.to(tl.int32), 1, _sum)
+            e, v = _experts_of(ids_ptr, o, numel, n_experts, n_experts)
+            p = tl.gather(running, e, 0) + _rank(o, e, None)
             running += tl.histogram(e, BLOCK_E)
-            tl.store(sorted_ptr + p, o.to(tl.int32), mask=v)
-            hd = v & (p % block_size == 0)
-            if HAS_MAP:
-                eo = tl.load(map_ptr + e, mask=hd, other=0).to(tl.int32)
-            else:
-                eo = e
-            tl.store(eids_ptr + p // block_size, eo, mask=hd)
+            _place(sorted_ptr, eids_ptr, map_ptr, o.to(tl.int32), e, v, p, block_size,
+                   HAS_MAP)
 
 
 # ----------------------------------------------------------------------------- align, fan
@@ -371,33 +356,17 @@ def moe_align_fan_kernel(
     are masked out of the histograms (``tl.histogram``'s mask), not binned."""
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
-    nmask = offs < numel
-    raw = tl.load(ids_ptr + offs, mask=nmask, other=-1)
-    valid = nmask & (raw >= 0) & (raw < n_experts)
-    ex = tl.where(valid, raw, 0).to(tl.int32)
+    ex, valid = _experts_of(ids_ptr, offs, numel, n_experts, 0)
     r_lo = pid * CHUNK
     counts = tl.histogram(ex, BLOCK_E, mask=valid)
     before = tl.histogram(ex, BLOCK_E, mask=valid & (offs < r_lo))
-    padded = (counts + block_size - 1) // block_size * block_size
-    starts = tl.associative_scan(padded, 0, _sum) - padded
-    total = tl.reduce(padded, 0, _sum)
+    padded, starts, total = _segments(counts, block_size)
     tl.store(ntpp_ptr, total, mask=pid == 0)
-    used = total // block_size
     # this program's routes
     o = r_lo + tl.arange(0, CHUNK)
-    m = o < numel
-    r = tl.load(ids_ptr + o, mask=m, other=-1)
-    v = m & (r >= 0) & (r < n_experts)
-    e = tl.where(v, r, 0).to(tl.int32)
-    earlier = (o[None, :] < o[:, None]) & (e[:, None] == e[None, :]) & v[None, :]
-    p = tl.gather(starts + before, e, 0) + tl.reduce(earlier.to(tl.int32), 1, _sum)
-    tl.store(sorted_ptr + p, o, mask=v)
-    head = v & (p % block_size == 0)
-    if HAS_MAP:
-        e_out = tl.load(map_ptr + e, mask=head, other=0).to(tl.int32)
-    else:
-        e_out = e
-    tl.store(eids_ptr + p // block_size, e_out, mask=head)
+    e, v = _experts_of(ids_ptr, o, numel, n_experts, 0)
+    p = tl.gather(starts + before, e, 0) + _rank(o, e, v)
+    _place(sorted_ptr, eids_ptr, map_ptr, o, e, v, p, block_size, HAS_MAP)
     # the in-segment pads of this program's experts: [start + count, next multiple of bs)
     # (segments start at multiples of bs)
     fill_end = starts + counts
@@ -414,18 +383,9 @@ def moe_align_fan_kernel(
             slot = fe[:, None] + j0 + pcol[None, :]
             tl.store(sorted_ptr + slot, pad2, mask=rm[:, None] & (slot < se[:, None]))
     # this program's share of the tail and of the unused blocks
-    pad = tl.full([BLOCK_S], 0, tl.int32) + numel
-    s_lo = pid * slots_per_prog
-    for s0 in range(0, slots_per_prog, BLOCK_S):
-        so = s_lo + s0 + tl.arange(0, BLOCK_S)
-        tl.store(sorted_ptr + so, pad, mask=(so >= total) & (so < sorted_len)
-                 & (s0 + tl.arange(0, BLOCK_S) < slots_per_prog))
-    zero = tl.full([BLOCK_B], 0, tl.int32)
-    b_lo = pid * blocks_per_prog
-    for b0 in range(0, blocks_per_prog, BLOCK_B):
-        bo = b_lo + b0 + tl.arange(0, BLOCK_B)
-        tl.store(eids_ptr + bo, zero, mask=(bo >= used) & (bo < eids_len)
-                 & (b0 + tl.arange(0, BLOCK_B) < blocks_per_prog))
+    _fill(sorted_ptr, numel, pid * slots_per_prog, slots_per_prog, total, sorted_len, BLOCK_S)
+    _fill(eids_ptr, 0, pid * blocks_per_prog, blocks_per_prog, total // block_size, eids_len,
+          BLOCK_B)
 
 
 def moe_sum_kernel(

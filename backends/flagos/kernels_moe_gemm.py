@@ -69,11 +69,9 @@ ACT_SILU = 0
 ACT_GELU = 1
 ACT_GELU_TANH = 2
 
-def _sum(a, b):
-    """Combiner for ``tl.reduce``: ``tl.sum`` and Triton's own combiners are jit functions
-    bound at ``triton.language`` import to the mode of that moment; this one is decorated
-    with the kernel, for its mode (``JIT_HELPERS``)."""
-    return a + b
+_sum = tl.standard._sum_combine
+"""Combiner for ``tl.reduce`` (as ``kernels_moe_align``'s: the interpreter reduces with numpy
+for Triton's own combiner, element by element for any other)."""
 
 
 def _load_a(a_ptrs, rmask, offs_k, kk, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
@@ -116,7 +114,7 @@ def _dot(a, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return acc
 
 
-JIT_HELPERS = ("_sum", "_load_a", "_load_w", "_dot", "_gemm1_tile", "_gemm2_tile")
+JIT_HELPERS = ("_load_a", "_load_w", "_dot", "_gemm1_tile", "_gemm2_tile")
 """Device functions the kernels call: :mod:`.launcher` decorates them with the kernel, for the
 same mode (compiler or interpreter)."""
 
