@@ -114,9 +114,37 @@ def _dot(a, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return acc
 
 
-JIT_HELPERS = ("_load_a", "_load_w", "_dot", "_gemm1_tile", "_gemm2_tile")
+def _grouped_pid(pid, EM, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` in grouped order: GROUP_M row blocks take each
+    column block in turn, so the weight tile of one column block is read by consecutive
+    programs (from L2 after the first)."""
+    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + ((pid % in_group) % group_m), (pid % in_group) // group_m
+
+
+def _block_routes(pid_m, num_valid, sorted_ids_ptr, expert_ids_ptr, NAIVE: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """``(routes, rmask, expert)`` of block ``pid_m``: its BLOCK_M slots (route ids, int64;
+    ``num_valid`` = pad), which hold a route, and the block's expert (NAIVE: block ``b`` is
+    route ``b`` alone, its expert ``topk_ids.flat[b]``, passed as ``expert_ids_ptr``)."""
+    offs = tl.arange(0, BLOCK_M).to(tl.int64)
+    if NAIVE:
+        routes = tl.where(offs == 0, pid_m.to(tl.int64), num_valid)
+    else:
+        routes = tl.load(sorted_ids_ptr + pid_m.to(tl.int64) * BLOCK_M + offs).to(tl.int64)
+    return routes, routes < num_valid, tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+
+JIT_HELPERS = ("_grouped_pid", "_block_routes", "_load_a", "_load_w", "_dot", "_gemm1_tile",
+               "_gemm2_tile")
 """Device functions the kernels call: :mod:`.launcher` decorates them with the kernel, for the
-same mode (compiler or interpreter)."""
+same mode (compiler or interpreter). The kernels keep the early exit past the aligned blocks
+themselves: as a helper returning a flag it changed the decode kernels' PTX."""
 
 
 def _gemm1_tile(
@@ -219,23 +247,12 @@ def moe_gemm1_act_kernel(
     pid = tl.program_id(0)
     if PDL_TRIGGER == 1:
         gdc_launch_dependents()
-    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % in_group) % group_m)
-    pid_n = (pid % in_group) // group_m
-
-    offs = tl.arange(0, BLOCK_M).to(tl.int64)
-    if NAIVE:
-        routes = tl.where(offs == 0, pid_m.to(tl.int64), num_valid)
-    else:
+    pid_m, pid_n = _grouped_pid(pid, EM, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not NAIVE:
         if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
-            return
-        routes = tl.load(sorted_ids_ptr + pid_m.to(tl.int64) * BLOCK_M + offs).to(tl.int64)
-    rmask = routes < num_valid
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+            return  # past the aligned blocks
+    routes, rmask, expert = _block_routes(pid_m, num_valid, sorted_ids_ptr, expert_ids_ptr,
+                                          NAIVE, BLOCK_M)
     if (expert < 0) | (expert >= num_local):
         return  # GEMM2 writes zeros for this block; its intermediate rows are never read
 
@@ -352,23 +369,12 @@ def moe_gemm2_kernel(
                      mask=bad[:, None] & (cols[None, :] < N))
         return
     pid = pid - num_clean
-    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % in_group) % group_m)
-    pid_n = (pid % in_group) // group_m
-
-    offs = tl.arange(0, BLOCK_M).to(tl.int64)
-    if NAIVE:
-        routes = tl.where(offs == 0, pid_m.to(tl.int64), num_valid)
-    else:
+    pid_m, pid_n = _grouped_pid(pid, EM, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not NAIVE:
         if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
-            return
-        routes = tl.load(sorted_ids_ptr + pid_m.to(tl.int64) * BLOCK_M + offs).to(tl.int64)
-    rmask = routes < num_valid
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+            return  # past the aligned blocks
+    routes, rmask, expert = _block_routes(pid_m, num_valid, sorted_ids_ptr, expert_ids_ptr,
+                                          NAIVE, BLOCK_M)
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ptrs = c_ptr + routes[:, None] * stride_cm + offs_cn[None, :]
     c_mask = rmask[:, None] & (offs_cn[None, :] < N)
