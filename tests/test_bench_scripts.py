@@ -218,3 +218,29 @@ def test_vllm_gpu_bench_keeps_what_it_measured_when_timeout_signals_twice(
     assert "logged_counts" in result  # the last write, after the engines were stopped
     assert result["errors"]["(run)"].startswith("interrupted")
     assert result["timing"]["stock"]["2"]["n"] >= 1 and result["timing"]["stock"]["2"]["median"] > 0
+
+
+def test_ptx_diff_sees_no_change_against_head_and_reports_one(monkeypatch, capsys) -> None:
+    """bench/ptx_diff.py compiles a case for sm_90 from HEAD and from the tree: against HEAD
+    (the tree's kernels unchanged, or changed only in what the case does not reach) nothing
+    moves; an opcode count that does move is reported and fails (exit status 1)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import subprocess
+
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "backends/flagos/"
+                            "kernels_moe_align.py"], cwd=BENCH.parent).returncode == 0
+    if not clean:
+        pytest.skip("kernels_moe_align.py has uncommitted changes")
+    ptx_diff = _load("ptx_diff")
+    assert ptx_diff.main(["HEAD", "--only", "align fan"]) == 0
+    out = capsys.readouterr().out
+    assert "align fan" in out and out.rstrip().endswith("none")
+    a = ptx_diff.opcodes("\tadd.s32 %r1, %r2, 1;\n@%p1 st.global.b32 [%rd1], %r1;\n$L1:\n")
+    assert a == {"add.s32": 1, "st.global.b32": 1}
+    with pytest.raises(SystemExit):
+        ptx_diff.main(["HEAD", "--only", "no such case"])
+    sides = ["add.s32 %r1;\n", "add.s32 %r1;\n@%p2 add.s32 %r2;\n"] * 2  # then, now
+    monkeypatch.setattr(ptx_diff, "compile_ptx", lambda *a: sides.pop(0))
+    assert ptx_diff.main(["HEAD", "--only", "align fan"]) == 1
+    assert "add.s32 +1" in capsys.readouterr().out
+    assert ptx_diff.main(["HEAD", "--only", "align fan", "--tolerance", "1"]) == 0
