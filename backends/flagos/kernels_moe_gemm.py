@@ -140,8 +140,21 @@ def _block_routes(pid_m, num_valid, sorted_ids_ptr, expert_ids_ptr, NAIVE: tl.co
     return routes, routes < num_valid, tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
 
-JIT_HELPERS = ("_grouped_pid", "_block_routes", "_load_a", "_load_w", "_dot", "_gemm1_tile",
-               "_gemm2_tile")
+def _upper_half_empty(sorted_ids_ptr, slot0, num_valid, BLOCK_M: tl.constexpr):
+    """Whether slots ``[BLOCK_M/2, BLOCK_M)`` of the block starting at ``slot0`` hold no route
+    (all pads: ``>= num_valid``). The whole half is checked, not its first slot: the order
+    inside an expert's blocks is the alignment's choice."""
+    upper = tl.load(sorted_ids_ptr + slot0 + BLOCK_M // 2 + tl.arange(0, BLOCK_M // 2))
+    return tl.reduce((upper < num_valid).to(tl.int32), 0, _sum) == 0
+
+
+def _half_routes(sorted_ids_ptr, slot0, BLOCK_M: tl.constexpr):
+    """The routes of slots ``[0, BLOCK_M/2)`` of the block starting at ``slot0`` (int64)."""
+    return tl.load(sorted_ids_ptr + slot0 + tl.arange(0, BLOCK_M // 2)).to(tl.int64)
+
+
+JIT_HELPERS = ("_grouped_pid", "_block_routes", "_upper_half_empty", "_half_routes", "_load_a",
+               "_load_w", "_dot", "_gemm1_tile", "_gemm2_tile")
 """Device functions the kernels call: :mod:`.launcher` decorates them with the kernel, for the
 same mode (compiler or interpreter). The kernels keep the early exit past the aligned blocks
 themselves: as a helper returning a flag it changed the decode kernels' PTX."""
@@ -259,11 +272,9 @@ def moe_gemm1_act_kernel(
     if HALF_M:
         # the upper half of the block holds only pads (at prefill, the last block of most
         # experts): a tile of half the rows, half the MMA work
-        offs_h = tl.arange(0, BLOCK_M // 2).to(tl.int64)
         slot0 = pid_m.to(tl.int64) * BLOCK_M
-        upper = tl.load(sorted_ids_ptr + slot0 + BLOCK_M // 2 + offs_h)
-        if tl.reduce((upper < num_valid).to(tl.int32), 0, _sum) == 0:
-            lower = tl.load(sorted_ids_ptr + slot0 + offs_h).to(tl.int64)
+        if _upper_half_empty(sorted_ids_ptr, slot0, num_valid, BLOCK_M):
+            lower = _half_routes(sorted_ids_ptr, slot0, BLOCK_M)
             _gemm1_tile(a_ptr, w_ptr, c_ptr, topk_w_ptr, lower, lower < num_valid, expert,
                         slot0, pid_n, N, K, top_k, stride_am, stride_we, stride_wn, stride_cm,
                         BLOCK_M // 2, MUL_W, ACT, BLOCK_N, BLOCK_K, EVEN_K, IEEE, W_EVICT,
@@ -388,11 +399,9 @@ def moe_gemm2_kernel(
         # writes only rows GEMM1 never touches: safe before the wait (module docstring).
         gdc_wait()
     if HALF_M:  # as GEMM1's HALF_M: an upper half of pads only, a half-height tile
-        offs_h = tl.arange(0, BLOCK_M // 2).to(tl.int64)
         slot0 = pid_m.to(tl.int64) * BLOCK_M
-        upper = tl.load(sorted_ids_ptr + slot0 + BLOCK_M // 2 + offs_h)
-        if tl.reduce((upper < num_valid).to(tl.int32), 0, _sum) == 0:
-            lower = tl.load(sorted_ids_ptr + slot0 + offs_h).to(tl.int64)
+        if _upper_half_empty(sorted_ids_ptr, slot0, num_valid, BLOCK_M):
+            lower = _half_routes(sorted_ids_ptr, slot0, BLOCK_M)
             _gemm2_tile(a_half_ptr, w_ptr, c_ptr, topk_w_ptr, lower, lower < num_valid,
                         expert, slot0, pid_n, N, K, stride_am, stride_we, stride_wn,
                         stride_cm, BLOCK_M // 2, MUL_W, BLOCK_N, BLOCK_K, EVEN_K, IEEE,

@@ -122,17 +122,26 @@ def _device_name(index: int) -> str:
         return ""
 
 
-@functools.lru_cache(maxsize=16)
-def _pdl_device(index: int) -> bool:
-    """CUDA (not ROCm) device ``index`` is sm_90+ and this Triton has ``launch_pdl`` and the
-    ``gdc_*`` builtins."""
+def _hopper(index: int) -> bool:
+    """CUDA (not ROCm) device ``index`` is of compute capability >= 9.0 (Hopper and later)."""
     if torch.version.hip is not None:
         return False
     try:
         major, _ = torch.cuda.get_device_capability(index)
     except Exception:  # no CUDA
         return False
-    if major < 9:
+    return major >= 9
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=16)
+def _pdl_device(index: int) -> bool:
+    """Device ``index`` is sm_90+ (:func:`_hopper`) and this Triton has ``launch_pdl`` and the
+    ``gdc_*`` builtins."""
+    if not _hopper(index):
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -148,22 +157,20 @@ def pdl_available(device: torch.device) -> bool:
     that knows the launch option."""
     if device.type != "cuda" or interpreter_enabled():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _pdl_device(index)
+    return _pdl_device(_cuda_index(device))
 
 
 @functools.lru_cache(maxsize=16)
 def _tma_device(index: int) -> bool:
-    """CUDA (not ROCm) device ``index`` is sm_90+ (TMA) and this Triton has host tensor
+    """Device ``index`` is sm_90+ (:func:`_hopper`: TMA) and this Triton has host tensor
     descriptors."""
-    if torch.version.hip is not None:
+    if not _hopper(index):
         return False
     try:
-        major, _ = torch.cuda.get_device_capability(index)
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except Exception:  # no CUDA, or a Triton without descriptors
+    except Exception:  # a Triton without descriptors
         return False
-    return major >= 9
+    return True
 
 
 def tma_available(device: torch.device) -> bool:
@@ -174,8 +181,7 @@ def tma_available(device: torch.device) -> bool:
         return True
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _tma_device(index)
+    return _tma_device(_cuda_index(device))
 
 
 def _tma_2d(t: torch.Tensor, rows: int, block: tuple[int, int]) -> Any | None:
@@ -288,9 +294,7 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     if expert_map is not None and not expert_map.is_contiguous():
         expert_map = expert_map.contiguous()
-    dev = device.index if device.type == "cuda" else 0
-    if dev is None:
-        dev = torch.cuda.current_device()
+    dev = _cuda_index(device) if device.type == "cuda" else 0
     cfg = config or _tile_config(M, E, N, K, k, dtype,
                                  _device_name(dev) if device.type == "cuda" else "")
     bm = cfg["BLOCK_SIZE_M"]
