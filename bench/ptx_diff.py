@@ -103,23 +103,17 @@ def _launcher() -> types.ModuleType:
 
 def compile_ptx(module: types.ModuleType, kernel: str, signature: dict, constexprs: dict,
                 num_warps: int, num_stages: int | None) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    jf = JITFunction(_launcher().bind_helpers(getattr(module, kernel), module, JITFunction))
-    ce = {k: v for k, v in constexprs.items() if k in jf.arg_names}
-    dropped = {k: v for k, v in constexprs.items() if k not in jf.arg_names}
-    if any(dropped.values()):
-        raise ValueError(f"{kernel} has no {sorted(k for k, v in dropped.items() if v)}: "
-                         "a case must leave the keys a revision lacks off")
-    sig = {n: "constexpr" if n in ce else signature.get(n, "i32") for n in jf.arg_names}
+    fn = getattr(module, kernel)
+    params = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    dropped = sorted(k for k, v in constexprs.items() if k not in params and v)
+    if dropped:
+        raise ValueError(f"{kernel} has no {dropped}: a case must leave the keys a revision "
+                         "lacks off")
     options = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
-    src = ASTSource(jf, sig, constexprs=ce)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    ce = {k: v for k, v in constexprs.items() if k in params}
+    return _launcher().compile_sm90(module, kernel, signature, ce, **options).asm["ptx"]
 
 
 def opcodes(ptx: str) -> Counter:

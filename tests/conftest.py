@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from pathlib import Path
 
 import pytest
@@ -40,33 +39,16 @@ def compile_sm90():
     kernel module compiled for sm_90 by Triton's NVIDIA backend and its bundled ptxas (the
     PTX is assembled, not only emitted), no GPU needed; the module's ``JIT_HELPERS`` bound as
     the launcher binds them. ``signature``: parameter -> Triton type (``*bf16``, ``i32``,
-    ``tensordesc<bf16[128, 64]>``; unnamed parameters are ``i32``); ``constexprs``: values.
-    Catches what only the compiler rejects: CI runs the kernels in the interpreter."""
+    ``tensordesc<bf16[128, 64]>``; unnamed parameters are ``i32``); ``constexprs``: values
+    (``launcher.compile_sm90``). Catches what only the compiler rejects: CI runs the kernels
+    in the interpreter."""
     pytest.importorskip("triton.backends.nvidia.compiler")
 
     def compile_(module, name, signature, constexprs, **options):
         import importlib
 
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-
         launcher = importlib.import_module(f"{module.__package__}.launcher")
-        # Triton's own jit functions the kernels reference (tl.standard._sum_combine) were
-        # decorated for the interpreter if triton.language was first imported under
-        # TRITON_INTERPRET=1: compile them from their source too, in a copy of the module
-        copy = types.ModuleType(module.__name__)
-        copy.__dict__.update({k: JITFunction(v.fn) if isinstance(v, InterpretedFunction) else v
-                              for k, v in vars(module).items()})
-        # JITFunction, not triton.jit: that returns the interpreter's wrapper when
-        # TRITON_INTERPRET is set (helpers likewise)
-        jf = JITFunction(launcher.bind_helpers(getattr(copy, name), copy, JITFunction))
-        sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32")
-               for n in jf.arg_names}
-        return triton.compile(ASTSource(jf, sig, constexprs=dict(constexprs)),
-                              target=GPUTarget("cuda", 90, 32), options=options)
+        return launcher.compile_sm90(module, name, signature, constexprs, **options)
 
     return compile_
 

@@ -141,6 +141,33 @@ def bind_helpers(fn: Any, module: Any, decorate: Callable[[Any], Any]) -> Any:
     return _rebind(fn, namespace)
 
 
+def compile_sm90(module: Any, name: str, signature: dict[str, str],
+                 constexprs: dict[str, Any], **options: Any) -> Any:
+    """Kernel ``name`` of kernel module ``module`` compiled for sm_90 by Triton's NVIDIA backend
+    and its bundled ptxas, without a GPU (the tests and ``bench/ptx_diff.py`` read its
+    ``asm["ptx"]``). ``signature``: parameter -> Triton type (``*bf16``, ``i32``,
+    ``tensordesc<bf16[128, 64]>``; unnamed ones are ``i32``); ``constexprs``: values;
+    ``options``: ``num_warps``, ``num_stages``. The kernel and its ``JIT_HELPERS`` are
+    compiled from their source whatever mode is active: Triton's own jit functions the
+    kernels reference (``tl.standard._sum_combine``) are the interpreter's when
+    ``triton.language`` was first imported under ``TRITON_INTERPRET=1``, so those are
+    recompiled too, in a copy of the module's namespace."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    copy = types.ModuleType(module.__name__)
+    copy.__dict__.update({k: JITFunction(v.fn) if isinstance(v, InterpretedFunction) else v
+                          for k, v in vars(module).items()})
+    # JITFunction, not triton.jit: that returns the interpreter's wrapper under TRITON_INTERPRET
+    jf = JITFunction(bind_helpers(getattr(copy, name), copy, JITFunction))
+    sig = {n: "constexpr" if n in constexprs else signature.get(n, "i32") for n in jf.arg_names}
+    return triton.compile(ASTSource(jf, sig, constexprs=dict(constexprs)),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block sizes."""
     return 1 << max(n - 1, 0).bit_length()
