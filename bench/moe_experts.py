@@ -404,8 +404,34 @@ PDL_VARIANTS = ({}, {"PDL_TRIGGER": 2}, {"PDL_TRIGGER": 0})
 start (default) / after its K loop / at its exit."""
 
 
+def _without(cfg, keys):
+    """``cfg`` with ``keys`` dropped from both GEMMs' parts."""
+    return {**cfg, **{g: {k: v for k, v in cfg[g].items() if k not in keys}
+                      for g in ("gemm1", "gemm2")}}
+
+
 def _without_pdl(cfg):
-    return {**cfg, "gemm2": {k: v for k, v in cfg["gemm2"].items() if k not in PDL_KEYS}}
+    return _without(cfg, PDL_KEYS)
+
+
+def timed_config(me, inputs, cfg, log, where, want=None):
+    """ms of ``fused_experts(*inputs, config=cfg)`` under CUDA-graph replay (25 ms), or inf,
+    logged with ``where``: when it raises, or, given ``want``, when its output differs from
+    ``want`` (such a config can never win a sweep)."""
+    x, w1, w2, w, ids = inputs
+    try:
+        if want is not None:
+            got = me.fused_experts(x, w1, w2, w, ids, config=cfg)
+            if not torch.equal(got, want):
+                diff = (got.float() - want.float()).abs().max().item()
+                log(f"{where}: DIFFERS from the table config (max |diff| {diff:.3e}) {cfg}")
+                return float("inf")
+        ms, _ = bench_graph(lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
+        return ms
+    except Exception as exc:
+        log(f"{where} failed: {type(exc).__name__}: {str(exc)[:120]}")
+        _sync()
+        return float("inf")
 
 
 def _pdl_variants(cfg):
@@ -489,16 +515,8 @@ def sweep(me, mc, shapes, tokens, budget_s, log, pdl_only=False):
                                   if b <= max(16, 2 * 2 ** math.ceil(math.log2(max(tpe, 1))))]
         base = mc.config(T, E, N, K, k, DTYPE, torch.cuda.get_device_name())
 
-        def timed(cfg, label="", x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T):
-            try:
-                ms, _ = bench_graph(
-                    lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
-                return ms
-            except Exception as exc:
-                log(f"[sweep]   {name} T={T} cfg failed: {type(exc).__name__}: "
-                    f"{str(exc)[:120]}")
-                _sync()
-                return float("inf")
+        def timed(cfg, label="cfg", inputs=(x, w1, w2, w, ids), name=name, T=T):
+            return timed_config(me, inputs, cfg, log, f"[sweep]   {name} T={T} {label}")
 
         def timed_pdl(cfg, x=x, w1=w1, w2=w2, w=w, ids=ids, name=name, T=T, k=k, E=E):
             """Checked first: a PDL config that fails the check is never timed."""
@@ -541,9 +559,9 @@ def sweep(me, mc, shapes, tokens, budget_s, log, pdl_only=False):
             c1, c2 = _cands(bm, naive)
             cur = {"BLOCK_SIZE_M": bm, "gemm1": _g(c1[0]), "gemm2": _g(c2[0])}
             cur_ms = timed(cur)
-            cur, cur_ms = descend(cur, cur_ms, [("", {**cur, "gemm1": _g(c)}) for c in c1[1:]],
+            cur, cur_ms = descend(cur, cur_ms, [("cfg", {**cur, "gemm1": _g(c)}) for c in c1[1:]],
                                   timed)
-            cur, cur_ms = descend(cur, cur_ms, [("", {**cur, "gemm2": _g(c)}) for c in c2[1:]],
+            cur, cur_ms = descend(cur, cur_ms, [("cfg", {**cur, "gemm2": _g(c)}) for c in c2[1:]],
                                   timed)
             pdl_bases = [cur]
             if naive and k > 1:  # GEMM2 and the sum in one kernel (FUSE_SUM)
@@ -572,6 +590,8 @@ def sweep(me, mc, shapes, tokens, budget_s, log, pdl_only=False):
     return best_all
 
 
+PREFILL_KEYS = ("TMA_W", "SORTED_C", "HALF_M")
+"""Tile keys of the prefill variants (``moe_experts``' docstring)."""
 TMA_G1 = [(128, 64, 16, 8, 4), (128, 64, 8, 8, 4), (128, 64, 16, 8, 3), (128, 32, 16, 8, 6),
           (64, 64, 16, 4, 4), (64, 128, 8, 4, 3)]
 TMA_G2 = [(256, 64, 16, 8, 4), (256, 64, 16, 8, 3), (256, 32, 16, 8, 6), (128, 64, 16, 8, 4),
@@ -644,22 +664,10 @@ def tma_sweep(me, mc, shapes, tokens, budget_s, log):
         base = mc.config(T, E, N, K, k, DTYPE, torch.cuda.get_device_name())
         want = me.fused_experts(x, w1, w2, w, ids, config=base)
 
-        def timed(cfg, label, x=x, w1=w1, w2=w2, w=w, ids=ids, want=want, T=T, name=name):
-            try:
-                got = me.fused_experts(x, w1, w2, w, ids, config=cfg)
-                if not torch.equal(got, want):
-                    diff = (got.float() - want.float()).abs().max().item()
-                    log(f"[tma]   {name} T={T} {label}: DIFFERS from the table config "
-                        f"(max |diff| {diff:.3e}) {cfg}")
-                    return float("inf")
-                ms, _ = bench_graph(
-                    lambda: me.fused_experts(x, w1, w2, w, ids, config=cfg), rep=25)
-            except Exception as exc:
-                log(f"[tma]   {name} T={T} {label} failed: {type(exc).__name__}: "
-                    f"{str(exc)[:120]}")
-                _sync()
-                return float("inf")
-            log(f"[tma]   {name} T={T} {label}: {ms * 1e3:.1f} us")
+        def timed(cfg, label, inputs=(x, w1, w2, w, ids), want=want, T=T, name=name):
+            ms = timed_config(me, inputs, cfg, log, f"[tma]   {name} T={T} {label}", want)
+            if ms != float("inf"):
+                log(f"[tma]   {name} T={T} {label}: {ms * 1e3:.1f} us")
             return ms
 
         tried = []  # (ms, label, cfg) of every config that ran and matched
@@ -670,10 +678,7 @@ def tma_sweep(me, mc, shapes, tokens, budget_s, log):
                 tried.append((ms, label, cfg))
             return ms
 
-        plain = {"BLOCK_SIZE_M": base["BLOCK_SIZE_M"],
-                 **{g: {key: v for key, v in base[g].items()
-                        if key not in ("TMA_W", "SORTED_C", "HALF_M")}
-                    for g in ("gemm1", "gemm2")}}
+        plain = _without(base, PREFILL_KEYS)
         best = (timed_kept(base, "table"), base)
         if plain != base:
             ms = timed_kept(plain, "table without TMA_W/SORTED_C/HALF_M")

@@ -244,3 +244,47 @@ def test_ptx_diff_sees_no_change_against_head_and_reports_one(monkeypatch, capsy
     assert ptx_diff.main(["HEAD", "--only", "align fan"]) == 1
     assert "add.s32 +1" in capsys.readouterr().out
     assert ptx_diff.main(["HEAD", "--only", "align fan", "--tolerance", "1"]) == 0
+
+
+def test_moe_experts_sweep_helpers_on_cpu() -> None:
+    """bench/moe_experts.py's sweep pieces that need no GPU: dropping tile keys from both
+    GEMMs, one coordinate of the descent (the fastest differing variant wins, the current
+    config is not re-timed), and a candidate that raises or whose output differs from the
+    table's is never timed: inf, logged."""
+    import torch
+
+    moe = _load("moe_experts")
+    cfg = {"BLOCK_SIZE_M": 128, "gemm1": {"BLOCK_SIZE_N": 64, "TMA_W": 1, "HALF_M": 1},
+           "gemm2": {"BLOCK_SIZE_N": 128, "SORTED_C": 1, "PDL": 1}}
+    assert moe._without(cfg, moe.PREFILL_KEYS) == {
+        "BLOCK_SIZE_M": 128, "gemm1": {"BLOCK_SIZE_N": 64},
+        "gemm2": {"BLOCK_SIZE_N": 128, "PDL": 1}}
+    assert moe._without_pdl(cfg)["gemm2"] == {"BLOCK_SIZE_N": 128, "SORTED_C": 1}
+    assert cfg["gemm1"]["TMA_W"] == 1  # not modified in place
+
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    seen = []
+
+    def timed(c, label):
+        seen.append(label)
+        return times[c]
+    assert moe.descend("a", 3.0, [("x", "a"), ("y", "c"), ("z", "b")], timed) == ("b", 1.0)
+    assert seen == ["y", "z"]
+
+    class Fake:
+        def __init__(self, out):
+            self.out = out
+
+        def fused_experts(self, *args, config):
+            if self.out is None:
+                raise RuntimeError("no kernel")
+            return self.out
+
+    lines: list[str] = []
+    inputs = (None,) * 5
+    want = torch.zeros(2)
+    assert moe.timed_config(Fake(torch.ones(2)), inputs, cfg, lines.append, "here",
+                            want) == float("inf")
+    assert moe.timed_config(Fake(None), inputs, cfg, lines.append, "there") == float("inf")
+    assert lines[0].startswith("here: DIFFERS from the table config (max |diff| 1.000e+00)")
+    assert lines[1] == "there failed: RuntimeError: no kernel"
