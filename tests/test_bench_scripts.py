@@ -288,3 +288,20 @@ def test_moe_experts_sweep_helpers_on_cpu() -> None:
     assert moe.timed_config(Fake(None), inputs, cfg, lines.append, "there") == float("inf")
     assert lines[0].startswith("here: DIFFERS from the table config (max |diff| 1.000e+00)")
     assert lines[1] == "there failed: RuntimeError: no kernel"
+
+
+def test_triton_ws_probe_reports_a_hang_an_error_and_a_result() -> None:
+    """bench/triton_ws_probe.py runs each variant in a child under a timeout: a child that
+    never returns is reported as a hang (the bench itself does not hang), one that fails
+    with its last line, one that prints ``us maxdiff`` with its time; a size the tiles do not
+    divide is refused naming the option."""
+    probe = _load("triton_ws_probe")
+    py = sys.executable
+    assert probe.run_variant([py, "-c", "import time; time.sleep(30)"], 0.5) == (
+        None, "HANGS (killed after 0.5 s)")
+    us, result = probe.run_variant([py, "-c", "raise SystemExit('no GPU here')"], 30)
+    assert us is None and result == "error: no GPU here"
+    assert probe.run_variant([py, "-c", "print('12.5 0')"], 30) == (
+        12.5, "ok (max |diff| vs torch 0)")
+    with pytest.raises(SystemExit):
+        probe.main(["--size", "1000"])

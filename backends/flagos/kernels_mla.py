@@ -29,8 +29,10 @@ It was removed. Compiled resources of the h_q 128 config (64 rows, 64 positions,
 stages): 255 registers, no spills, 221 KB of shared memory, wgmma; a lazy rescale (skip
 ``acc *= alpha`` unless a row's max grew by more than 2^8) spilled 54 registers and took 1.49x.
 What is left to FlashMLA there (about 0.5x) is that one program runs its two MMAs and the
-softmax one after the other; FlashMLA overlaps them with warp-specialised warpgroups, which
-Triton 3.6's automatic warp specialisation does not do on Hopper.
+softmax one after the other; FlashMLA overlaps them with warp-specialised warpgroups. Triton
+3.6 has a Hopper pass for that (``tl.range(..., warp_specialize=True)``): its kernels compile
+(a producer and two consumer warpgroups) but deadlock on the H200, even a plain GEMM
+(``bench/triton_ws_probe.py``, 2026-12-01), so it is not used.
 """
 
 from __future__ import annotations
