@@ -80,7 +80,7 @@ def _time(fn, reps: int = 20) -> float:
 
 
 def run_variant(cmd: list[str], timeout_s: float) -> tuple[float | None, str]:
-    """(µs or None, result) of one child: ``ok (max |diff| D)``, ``HANGS (killed after N
+    """(µs or None, result) of one child: ``ok (max |diff| vs torch D)``, ``HANGS (killed after N
     s)`` or ``error: <last line of its output>``."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
