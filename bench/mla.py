@@ -29,8 +29,13 @@ cases with empty rows, mid-block ends, shuffled tables, s_q = 2 causal and not; 
 benchmark case spot-checked on its first rows. ``--sweep`` times launch configs (8k cases;
 ``--sweep-all``: all) and prints ``MLA_CONFIGS`` entries for ``backends/flagos/mla.py``; each
 config is synchronized after its timing, so that a device fault names the config that made it.
-``--only`` runs the cases whose label contains one of its comma-separated texts. At the end: the
-registers, spills and shared memory of every compiled split kernel.
+``--only`` runs the cases whose label contains one of its comma-separated texts. Rows: ``ours``
+is the heuristic's choice (on an H200 the Gluon kernel for more than 16 query rows); where that
+is the Gluon kernel, ``ours_tl`` is the ``tl`` kernel beside it (what other GPUs run).
+``--gluon 64:2,64:2:8`` adds rows ``ours_gl<BLOCK_N>x<STAGES>[s<SPLITS>]`` of the Gluon kernel
+with those launch parameters (and checks them first). ``--profile CASE`` runs only ours on one
+case, for ``ncu``. At the end: the registers, spills and shared memory of every compiled split
+kernel (``tl`` and Gluon).
 """
 
 from __future__ import annotations
@@ -156,8 +161,10 @@ def check_ours(inp: dict, scale: float, causal: bool, rows: int | None = None,
             or check_close("lse", lse, want_lse, 1e-6, 8.01 / 65536, None))
 
 
-def correctness() -> list[dict]:
-    """FlashMLA-tolerance checks of the heuristic's config and forced split counts."""
+def correctness(gluon: list[tuple[int, ...]] | None = None) -> list[dict]:
+    """FlashMLA-tolerance checks of the heuristic's config and forced split counts; with
+    ``gluon`` (``(block_n, stages)`` pairs), of the Gluon kernel with each of those at the
+    same split counts instead."""
     results = []
     cases = [
         ("zero/mid-block rows, s_q=1, h16", 1, 16, [0, 1, 63, 64, 65, 700, 4097, 0], True),
@@ -170,12 +177,16 @@ def correctness() -> list[dict]:
         for name, s_q, h_q, lens, causal in cases:
             if dtype == torch.float16 and h_q == 128 and s_q == 2:
                 continue
-            label = f"{name} {str(dtype)[6:]}"
+            label = f"{name} {str(dtype)[6:]}" + (" gluon" if gluon else "")
             try:
                 inp = make_inputs(len(lens), s_q, h_q, 0, lens=lens, shuffle=True, seed=1,
                                   dtype=dtype)
-                why = check_ours(inp, D ** -0.5, causal)
-                for cfg in _forced_splits(len(lens), s_q * h_q):
+                why = None if gluon else check_ours(inp, D ** -0.5, causal)
+                cfgs = _forced_splits(len(lens), s_q * h_q)
+                if gluon:
+                    cfgs = [c._replace(block_n=g[0], num_stages=g[1], kernel="gluon")
+                            for c in cfgs for g in gluon]
+                for cfg in cfgs:
                     why = why or _tag(cfg, check_ours(inp, 0.1, causal, config=cfg))
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
@@ -408,7 +419,10 @@ def kernel_resources() -> list[dict]:
     """Registers, spills and shared memory of every compiled split kernel (Triton's per-device
     kernel caches), with the constexprs that tell the variants apart."""
     found = []
-    for caches in mla.SPLIT_KERNEL.jit().device_caches.values():
+    jits = [mla.SPLIT_KERNEL.jit()]
+    if "fl_dispatch_flagos.kernels_mla_gluon" in sys.modules:
+        jits.append(sys.modules["fl_dispatch_flagos.kernels_mla_gluon"].mla_gluon_kernel)
+    for caches in (c for jit in jits for c in jit.device_caches.values()):
         kernel_cache = caches[0] if isinstance(caches, tuple) else caches
         for compiled in getattr(kernel_cache, "values", lambda: [])():
             meta = getattr(compiled, "metadata", None)
@@ -430,18 +444,32 @@ def main() -> int:
     ap.add_argument("--sweep-all", action="store_true", help="sweep every case")
     ap.add_argument("--quick", action="store_true", help="4k and 8k only")
     ap.add_argument("--out", default=None, help="directory for mla.json")
+    ap.add_argument("--profile", default=None, metavar="CASE",
+                    help="only run ours on one case (a label such as 'b128 h128 s_q1 "
+                         "len8192') three times, for a profiler: `ncu --kernel-name "
+                         "regex:mla_gluon --launch-skip 2 --launch-count 1 python3 "
+                         "bench/mla.py --profile ...`")
+    ap.add_argument("--gluon", default=None,
+                    help="also check and time the Gluon kernel (Hopper) with these "
+                         "comma-separated BLOCK_N:STAGES[:SPLITS] configs, e.g. '64:2,64:2:8'")
     ap.add_argument("--only", default=None,
                     help="only the cases whose label contains one of these comma-separated "
                          "texts (e.g. 'h128 s_q1,h16 s_q2 len4096')")
     args = ap.parse_args()
     t0 = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.profile:
+        return profile(args.profile)
     print(f"device: {torch.cuda.get_device_name(0)}, {_sms()} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}")
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "cases": []}
 
     print("correctness (FlashMLA tolerances vs the fp32 reference):")
     report["correctness"] = correctness()
+    gluon_cfgs = [tuple(int(v) for v in c.split(":")) for c in args.gluon.split(",")] \
+        if args.gluon else []
+    if gluon_cfgs:
+        report["correctness"] += correctness(gluon=gluon_cfgs)
 
     vllm_fwd, why = load_vllm_triton()
     print(f"vLLM TRITON_MLA: {why}")
@@ -499,6 +527,31 @@ def main() -> int:
                             causal, config=best)
                     except Exception as exc:
                         print(f"  sweep {label} failed: {type(exc).__name__}: {exc}")
+                cap = inp["table"].shape[1] * PAGE
+                base = mla.mla_config(128, s_q * h_q, cap, PAGE, D, DV, 2, _sms(),
+                                      mla._hopper(0))
+                case["ours_config"] = list(base)
+                if base.kernel == "gluon":  # the tl kernel beside it, as on other GPUs
+                    tl_cfg = mla.mla_config(128, s_q * h_q, cap, PAGE, D, DV, 2, _sms())
+                    fns["ours_tl"] = lambda inp=inp, cfg=tl_cfg: mla.flash_mla(
+                        inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale, causal,
+                        config=cfg)
+                for g in gluon_cfgs:
+                    cfg = mla.MLAConfig(64, g[0], 8, g[1], g[2] if len(g) > 2 else
+                                        base.num_splits, "gluon")
+                    name = f"ours_gl{g[0]}x{g[1]}" + (f"s{g[2]}" if len(g) > 2 else "")
+                    try:
+                        why_g = check_ours(inp, scale, causal, rows=4, config=cfg)
+                        torch.cuda.synchronize()
+                    except Exception as exc:
+                        why_g = f"{type(exc).__name__}: {exc}"[:300]
+                    if why_g is None:
+                        fns[name] = lambda inp=inp, cfg=cfg: mla.flash_mla(
+                            inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, scale,
+                            causal, config=cfg)
+                    else:
+                        case["impls"][name] = {"error": f"spot check: {why_g}"}
+                        print(f"  {label} {name}: {why_g}")
                 if vllm_fwd is not None:
                     try:
                         fns["vllm_triton"] = vllm_triton_fn(vllm_fwd, inp, scale, causal)
@@ -526,10 +579,11 @@ def main() -> int:
                 del inp
                 torch.cuda.empty_cache()
     report["kernels"] = kernel_resources()
-    print("split kernels compiled (regs / spills / shared bytes / warps / stages / wgmma):")
+    print("split kernels compiled (regs / spills / shared bytes / warps / stages / wgmma; "
+          "STAGES: the Gluon kernel):")
     for k in report["kernels"]:
         c = k["constants"]
-        what = {n: c.get(n) for n in ("BLOCK_H", "BLOCK_N", "DIRECT")
+        what = {n: c.get(n) for n in ("BLOCK_H", "BLOCK_N", "STAGES", "DIRECT")
                 if n in c} or c
         print(f"  {k['n_regs']} / {k['n_spills']} / {k['shared']} / {k['num_warps']} / "
               f"{k['num_stages']} / {k['wgmma']}  {what}")
@@ -542,12 +596,32 @@ def main() -> int:
     return 0
 
 
+def profile(label: str) -> int:
+    """Ours (the heuristic's config) on the case ``label`` three times, nothing else."""
+    import re
+
+    m = re.fullmatch(r"b(\d+) h(\d+) s_q(\d+) len(\d+)", label.strip())
+    if m is None:
+        print(f"--profile: {label!r} is not a case label such as 'b128 h128 s_q1 len8192'")
+        return 2
+    b, h_q, s_q, mean_len = (int(v) for v in m.groups())
+    inp = make_inputs(b, s_q, h_q, mean_len, seed=mean_len + h_q + s_q)
+    for _ in range(3):
+        mla.flash_mla(inp["q"], inp["kv"], inp["table"], inp["seqlens"], DV, D ** -0.5, True)
+    torch.cuda.synchronize()
+    cfg = mla.mla_config(b, s_q * h_q, inp["table"].shape[1] * PAGE, PAGE, D, DV, 2, _sms(),
+                         mla._hopper(0))
+    print(f"profiled {label}: {cfg}")
+    return 0
+
+
 def _print_case(label: str, case: dict) -> None:
     impls = case["impls"]
     timed = {k: v for k, v in impls.items() if "us" in v}
     others = [v["us"] for k, v in timed.items() if not k.startswith("ours")]
     fm = timed.get("flashmla", {}).get("us")
-    print(f"{label}  (spot check vs reference, first rows: {case.get('spot_check')})")
+    print(f"{label}  (spot check vs reference, first rows: {case.get('spot_check')}; ours: "
+          f"{case.get('ours_config')})")
     for name, v in impls.items():
         if "us" not in v:
             print(f"  {'':26s} {name:14s} {v.get('error')}")

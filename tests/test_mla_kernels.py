@@ -287,14 +287,14 @@ def test_config_table_entries_win(monkeypatch: pytest.MonkeyPatch) -> None:
         heuristic = mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132)
         monkeypatch.setitem(mla.MLA_CONFIGS, key, mla.MLAConfig(16, 32, 8, 1, 4))
         mla.mla_config.cache_clear()
-        assert heuristic != (16, 32, 8, 1, 4)
-        assert mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132) == (16, 32, 8, 1, 4)
-        assert mla.mla_config(100, 15, 3000, 64, 576, 512, 2, 132) == (16, 32, 8, 1, 4)
-        assert mla.mla_config(128, 16, 8192, 64, 576, 512, 2, 132) != (16, 32, 8, 1, 4)
+        assert heuristic != mla.MLAConfig(16, 32, 8, 1, 4)
+        assert mla.mla_config(128, 16, 4096, 64, 576, 512, 2, 132) == mla.MLAConfig(16, 32, 8, 1, 4)
+        assert mla.mla_config(100, 15, 3000, 64, 576, 512, 2, 132) == mla.MLAConfig(16, 32, 8, 1, 4)
+        assert mla.mla_config(128, 16, 8192, 64, 576, 512, 2, 132) != mla.MLAConfig(16, 32, 8, 1, 4)
     finally:
         mla.mla_config.cache_clear()
     # the H200 sweep's entry for h16 s_q2 at 4k-class capacities: 8 splits
-    assert mla.mla_config(128, 32, 10_000, 64, 576, 512, 2, 132) == (32, 64, 4, 2, 8)
+    assert mla.mla_config(128, 32, 10_000, 64, 576, 512, 2, 132) == mla.MLAConfig(32, 64, 4, 2, 8)
     q, kv, table, seqlens = make_case(2, 1, 16, 96, 16, [5, 40], torch.float32, seed=2)
     check(q, kv, table, seqlens, 64, 0.3, True, config=(16, 16, 4, 1, 2))
 

@@ -168,6 +168,25 @@ def compile_sm90(module: Any, name: str, signature: dict[str, str],
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
+
+def compile_gluon_sm90(kernel: Any, signature: dict[str, Any], constexprs: dict[str, Any],
+                       **options: Any) -> Any:
+    """A Gluon kernel (a ``gluon.jit`` function: Gluon has no interpreter, so it is the same
+    object in either mode) compiled for sm_90 without a GPU, as :func:`compile_sm90`. A
+    ``signature`` value may be a host ``TensorDescriptor`` instead of a type string: its type
+    (dtype, block shape, shared layout) is read from it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    sig = {}
+    for n in kernel.arg_names:
+        value = "constexpr" if n in constexprs else signature.get(n, "i32")
+        sig[n] = value if isinstance(value, str) else mangle_type(value)
+    return triton.compile(GluonASTSource(kernel, sig, constexprs=dict(constexprs)),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
 def pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block sizes."""
     return 1 << max(n - 1, 0).bit_length()

@@ -10,6 +10,12 @@ int32 ``[B]``; returns ``out [B, s_q, h_q, head_dim_v]`` in q's dtype and ``lse 
 fp32 (natural log). Causal: query position ``i`` sees cache positions ``[0, len - s_q + i]``.
 A query that sees nothing: ``out = 0``, ``lse = +inf``. bf16, fp16 and fp32.
 
+Two kernels: ``kernels_mla`` (``tl``: every device, and the CPU interpreter in CI) and, on
+Hopper for DeepSeek's shapes with more than 16 query rows, ``kernels_mla_gluon`` (Gluon: TMA
+tiles, asynchronous wgmma ordered by hand; ``MLAConfig.kernel``). Both write the same partial
+outputs for the same combine kernel; the heuristic picks (``mla_config``), a cache whose
+strides a TMA descriptor cannot describe falls back to ``tl``.
+
 CUDA graphs: nothing here reads device data on the host. The launch configuration, the number
 of KV splits included, depends on shapes only (``B``, ``s_q * h_q``, ``max_blocks *
 block_size``, the SM count); each split's range is computed on the device from the row's
@@ -51,6 +57,7 @@ class MLAConfig(NamedTuple):
     num_warps: int
     num_stages: int
     num_splits: int   # KV splits per row (1: no combine kernel)
+    kernel: str = "tl"  # "tl": kernels_mla (every device, the interpreter); "gluon": Hopper
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,6 +65,14 @@ def _num_sms(device: int) -> int:
     if device < 0 or not torch.cuda.is_available():
         return 132  # H200; only the split count depends on it
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=8)
+def _hopper(device: int) -> bool:
+    """sm_90 (the Gluon kernel's TMA and wgmma), never under Triton's CPU interpreter."""
+    if device < 0 or interpreter_enabled() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 MLA_CONFIGS: dict[tuple, MLAConfig] = {
@@ -73,44 +88,66 @@ MLA_CONFIGS: dict[tuple, MLAConfig] = {
 
 @functools.lru_cache(maxsize=4096)
 def mla_config(batch: int, rows: int, capacity: int, page: int, d: int, dv: int,
-               dtype_bytes: int = 2, num_sms: int = 132) -> MLAConfig:
+               dtype_bytes: int = 2, num_sms: int = 132, hopper: bool = False) -> MLAConfig:
     """Launch config from shapes only (CUDA-graph safe). ``rows = s_q * h_q`` query rows per
-    batch row, ``capacity = max_blocks * block_size`` (the longest row the table allows).
+    batch row, ``capacity = max_blocks * block_size`` (the longest row the table allows),
+    ``hopper``: the device is sm_90 (the Gluon kernel's TMA and wgmma).
 
     Heuristic (for an H200, 227 KB shared memory per block): the KV tile ``[BLOCK_N, d]`` is
     shared by ``BLOCK_H`` query rows; q stays in shared memory, the tile is double-buffered.
-    Memory-bound shapes (rows <= 32) take all rows in one program with 64-position tiles
-    (one page); compute-bound ones 64 rows (fp32 acc 64 x 512 over 8 warps = 128 regs/thread)
-    with 32-position tiles so that q (72 KB) and two tiles fit. Splits: enough programs for
-    about 8 waves (memory-bound, balances varying lengths) or 4 (compute-bound, fewer partial
-    outputs; the measured best), at least 256 positions per split, a power of two (combine is
-    specialized on it).
+    On Hopper, every shape with more than 16 rows whose MMA tiles the Gluon kernel has
+    (``gluon_shapes``) runs it: 64 rows, 64 positions, two slots, 8 warps (2026-12-01, H200:
+    1.14x to 1.19x the ``tl`` kernel at h_q 16 s_q 2, 1.37x to 1.49x at h_q 128; at h_q 16
+    s_q 1 it lost, 226.6 against 184.5 us, its 64-row MMAs padding 16 rows). Otherwise the
+    ``tl`` kernel: memory-bound shapes (rows <= 32) take all rows in one program with
+    64-position tiles (one page); compute-bound ones 64 rows (fp32 acc 64 x 512 over 8 warps =
+    128 regs/thread).
+    Splits: enough programs for about 8 waves (``tl``, memory-bound: balances varying
+    lengths) or 4 (compute-bound, and the Gluon kernel, whose programs stage 72 KB of q
+    first: fewer partial outputs; the measured best), at least 256 positions per split, a
+    power of two (combine is specialized on it). ``MLA_CONFIGS`` entries (swept) of the
+    chosen kernel replace the heuristic.
     """
+    gluon = hopper and rows > 16 and gluon_shapes(d, dv, page, dtype_bytes) is None
     key = (dtype_bytes, pow2(rows), pow2(max(capacity, 1)), pow2(batch))
     hit = MLA_CONFIGS.get(key)
-    if hit is not None:
-        block_h, block_n, warps, stages, splits = MLAConfig(*hit)
+    if hit is not None and (MLAConfig(*hit).kernel == "gluon") == gluon:
+        block_h, block_n, warps, stages, splits, kernel = MLAConfig(*hit)
     else:
+        kernel = "gluon" if gluon else "tl"
         # H200 sweep (2026-11-30, B=128, 8k varlen; docs/performance.md): 4 warps for the
         # memory-bound shapes, 64-position tiles everywhere, about 8 waves of splits when
         # memory-bound (16 splits at B=128) and 4 when compute-bound
-        if rows <= 16:
-            block_h, block_n, warps, stages = 16, 64, 4, 2
-        elif rows <= 32:
-            block_h, block_n, warps, stages = 32, 64, 4, 2
-        else:
+        if gluon or rows > 32:
             block_h, block_n, warps, stages = 64, 64, 8, 2
+        elif rows <= 16:
+            block_h, block_n, warps, stages = 16, 64, 4, 2
+        else:
+            block_h, block_n, warps, stages = 32, 64, 4, 2
         if dtype_bytes == 4:  # fp32 tiles are twice the size
             block_n, stages = min(block_n, 32), 1
         heads = -(-rows // block_h)
-        waves = 8 if rows <= 32 else 4
+        waves = 8 if rows <= 32 and not gluon else 4
         want = -(-waves * num_sms // max(batch * heads, 1))
         most = max(1, capacity // 256)
         splits = pow2(max(1, min(want, most)))
         if splits > most:
             splits //= 2
     block_n = max(16, min(block_n, pow2(page)))
-    return MLAConfig(block_h, block_n, warps, stages, max(1, splits))
+    return MLAConfig(block_h, block_n, warps, stages, max(1, splits), kernel)
+
+
+def gluon_shapes(d: int, dv: int, page: int, dtype_bytes: int) -> str | None:
+    """Why the Gluon kernel's fixed MMA tiles do not fit these shapes; None if they do:
+    DeepSeek's ``head_dim_v`` 512 and ``d - head_dim_v`` 64, 16-bit dtypes, a page size that
+    64-position tiles divide."""
+    if (dv, d - dv) != (512, 64):
+        return f"(head_dim_v, d - head_dim_v) is {(dv, d - dv)}; it needs (512, 64)"
+    if dtype_bytes != 2:
+        return f"the dtype has {dtype_bytes} bytes; it needs bfloat16 or float16"
+    if page % 64:
+        return f"the page size is {page}; it needs a multiple of 64"
+    return None
 
 
 def _bad(name: str, value: Any, valid: str) -> ValueError:
@@ -148,7 +185,7 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
               causal: bool = True, max_seqlen_k: int | None = None,
               config: MLAConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention; see the module docstring. ``config`` overrides the launch
-    configuration (for sweeps; an ``MLAConfig`` or a plain tuple of its five fields);
+    configuration (for sweeps; an ``MLAConfig`` or a plain tuple of its five or six fields);
     ``max_seqlen_k`` is an optional static bound checked against the table's
     capacity."""
     check_args("flash_mla", q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
@@ -164,11 +201,25 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
         return out, lse
     capacity = block_table.shape[1] * page
     dev = q.get_device()
+    chosen = config is None
     if config is None:
-        config = mla_config(b, rows, capacity, page, d, dv, q.element_size(), _num_sms(dev))
+        config = mla_config(b, rows, capacity, page, d, dv, q.element_size(), _num_sms(dev),
+                            _hopper(dev))
     if not isinstance(config, MLAConfig):  # a plain 5-tuple
         config = MLAConfig(*config)
-    block_h, block_n, warps, stages, splits = config
+    block_h, block_n, warps, stages, splits, kernel = config
+    if kernel == "gluon":
+        why = gluon_unsupported(q, kv_cache, dv, block_n)
+        if why is not None and not chosen:
+            raise ValueError(f"flash_mla: config {config} asks for the Gluon kernel: {why}")
+        if why is not None:  # the heuristic's choice, but these strides cannot take it
+            config = mla_config(b, rows, capacity, page, d, dv, q.element_size(),
+                                _num_sms(dev))
+            block_h, block_n, warps, stages, splits, kernel = config
+        else:
+            block_h, warps = 64, 8
+    elif kernel != "tl":
+        raise ValueError(f"flash_mla: config.kernel is {kernel!r}; expected 'tl' or 'gluon'")
     block_n = max(16, min(block_n, pow2(page)))
     tile_in_page = page % block_n == 0
     block_dv = max(16, pow2(dv))
@@ -190,14 +241,14 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
     ints = (rows, h_q, s_q, capacity, int(bool(causal)), splits,
             q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1),
             block_table.stride(0), *o_strides, *l_strides)
-    consts = (d, dv, block_dv, block_dr, page, block_h, block_n, tile_in_page, direct, prec,
-              dot_f32)
-    tensors = (q, kv_cache, block_table, cache_seqlens, o_buf, l_buf)
-    key = ("split", q.dtype, *(t.data_ptr() & 15 for t in tensors), ints, consts, warps,
-           stages, dev)
-    SPLIT_KERNEL.launch(key, (heads, splits, b), dev, tensors,
-                        tuple(t.data_ptr() for t in tensors), (scale_log2, *ints, *consts),
-                        warps, stages)
+    if kernel == "gluon":
+        _launch_gluon((heads, splits, b), q, kv_cache, block_table, cache_seqlens, o_buf, l_buf,
+                      scale_log2, ints, dv, d - dv, page, block_n, stages, direct)
+    else:
+        _launch_tl((heads, splits, b), dev, q, kv_cache, block_table, cache_seqlens, o_buf,
+                   l_buf, scale_log2, ints, warps, stages,
+                   (d, dv, block_dv, block_dr, page, block_h, block_n, tile_in_page, direct,
+                    prec, dot_f32))
     if not direct:
         ints = (rows, h_q, s_q, splits, o_buf.stride(0), o_buf.stride(1), dv,
                 l_buf.stride(0), l_buf.stride(1), out.stride(0), dv,
@@ -208,6 +259,70 @@ def flash_mla(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor
         COMBINE_KERNEL.launch(key, (rows, b, 1), dev, tensors,
                               tuple(t.data_ptr() for t in tensors), (*ints, *consts), 4, 1)
     return out, lse
+
+
+def _launch_tl(grid, dev, q, kv_cache, block_table, cache_seqlens, o_buf, l_buf, scale_log2,
+               ints, warps, stages, consts) -> None:
+    tensors = (q, kv_cache, block_table, cache_seqlens, o_buf, l_buf)
+    key = ("split", q.dtype, *(t.data_ptr() & 15 for t in tensors), ints, consts, warps,
+           stages, dev)
+    SPLIT_KERNEL.launch(key, grid, dev, tensors, tuple(t.data_ptr() for t in tensors),
+                        (scale_log2, *ints, *consts), warps, stages)
+
+
+def gluon_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, dv: int,
+                      block_n: int) -> str | None:
+    """Why the Gluon kernel (:mod:`.kernels_mla_gluon`) cannot run these inputs; None if it
+    can: an sm_90 GPU (TMA, wgmma), ``gluon_shapes``, ``block_n`` 16, 32 or 64 dividing the
+    page, and pages back to back in memory with 16-byte aligned rows (what a TMA descriptor
+    over ``[num_blocks * page, d]`` needs)."""
+    if interpreter_enabled() or q.device.type != "cuda":
+        return f"it runs on CUDA devices only (no CPU interpreter for Gluon); q is on {q.device}"
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap != (9, 0):
+        return f"it needs sm_90 (Hopper); the device is sm_{cap[0]}{cap[1]}"
+    page = kv_cache.shape[1]
+    why = gluon_shapes(kv_cache.shape[-1], dv, page, q.element_size())
+    if why is not None:
+        return why
+    if block_n not in (16, 32, 64) or page % block_n:
+        return f"block_n is {block_n}; it needs 16, 32 or 64, dividing the page size {page}"
+    if kv_cache.stride(0) != page * kv_cache.stride(1) or kv_cache.stride(1) % 8 \
+            or kv_cache.data_ptr() % 16:
+        return (f"kv_cache has strides {kv_cache.stride()} at {kv_cache.data_ptr():#x}; it "
+                "needs pages back to back and 16-byte aligned rows")
+    return None
+
+
+def gluon_descriptors(kv_cache: torch.Tensor, dv: int, block_n: int) -> list[Any]:
+    """The Gluon kernel's two TMA descriptors over the cache viewed as ``[num_blocks * page,
+    d]``: the latent channels ``[:, :dv]`` and the rope channels ``[:, dv:]``, in tiles of
+    ``block_n`` positions (what ``gluon_unsupported`` checks makes the view valid)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    gdt = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    d = kv_cache.shape[-1]
+    n = kv_cache.shape[0] * kv_cache.shape[1]
+    flat = kv_cache.as_strided((n, d), (kv_cache.stride(1), 1))
+    return [TensorDescriptor(flat[:, lo:], [n, width], [flat.stride(0), 1], [block_n, width],
+                             gl.NVMMASharedLayout.get_default_for([block_n, width], gdt))
+            for lo, width in ((0, dv), (dv, d - dv))]
+
+
+def _launch_gluon(grid, q, kv_cache, block_table, cache_seqlens, o_buf, l_buf, scale_log2,
+                  ints, dv, dr, page, block_n, stages, direct) -> None:
+    from .kernels_mla_gluon import mla_gluon_kernel
+
+    kvn, kvr = gluon_descriptors(kv_cache, dv, block_n)
+    (rows, h_q, s_q, capacity, causal, splits, sqb, sqs, sqh, _skp, _skt, sbt,
+     sob, sosp, som, slb, slsp, slh, sls) = ints
+    mla_gluon_kernel[grid](
+        q, kvn, kvr, block_table, cache_seqlens, o_buf, l_buf,
+        scale_log2, rows, h_q, s_q, capacity, causal, splits, sqb, sqs, sqh, sbt,
+        sob, sosp, som, slb, slsp, slh, sls,
+        DV=dv, DR=dr, PAGE=page, BLOCK_H=64, BLOCK_N=block_n, STAGES=stages, DIRECT=direct,
+        num_warps=8)
 
 
 def default_scale(d: int) -> float:
