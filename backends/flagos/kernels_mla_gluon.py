@@ -27,7 +27,7 @@ Iteration ``t`` (``S_t`` complete in registers):
 
 No asynchronous result crosses the loop's back edge: ptxas serialises every wgmma of a kernel
 that carries one (warning C7514). Measured on an H200 (2026-12-01, ``docs/performance.md``),
-64 positions and two slots: 359-429 TFLOP/s at ``h_q`` 128 against the ``tl`` kernel's 256-295.
+64 positions and two slots: 323-416 TFLOP/s at ``h_q`` 128 against the ``tl`` kernel's 236-294.
 Two other orders, kept out: ``S_{t+1}`` under softmax ``t`` needs tile ``t+1`` resident a whole
 iteration early, so with two slots (all that fits beside ``Q``) its load was exposed (1040.7
 against 810.9 us at h128 8k; with 32-position tiles and four slots the narrow wgmma lost more);

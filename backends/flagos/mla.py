@@ -278,8 +278,8 @@ def gluon_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, dv: int,
     over ``[num_blocks * page, d]`` needs)."""
     if interpreter_enabled() or q.device.type != "cuda":
         return f"it runs on CUDA devices only (no CPU interpreter for Gluon); q is on {q.device}"
-    cap = torch.cuda.get_device_capability(q.device)
-    if cap != (9, 0):
+    if not _hopper(q.get_device()):  # cached: this runs on every call
+        cap = torch.cuda.get_device_capability(q.device)
         return f"it needs sm_90 (Hopper); the device is sm_{cap[0]}{cap[1]}"
     page = kv_cache.shape[1]
     why = gluon_shapes(kv_cache.shape[-1], dv, page, q.element_size())
