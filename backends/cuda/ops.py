@@ -7,7 +7,9 @@ back so the in-place and out-parameter contracts hold for strided views too.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Callable
 
@@ -49,11 +51,17 @@ def load_extension(modules: str | tuple[str, ...], env: str,
                    loaded: Callable[[], bool]) -> list[str]:
     """Make a vLLM extension's ``torch.ops`` available: import the first of ``modules`` that
     imports, else ``torch.ops.load_library($<env>)``. ``[]`` once ``loaded()``, else why not
-    (one entry per attempt, and that ``env`` is not set)."""
+    (one entry per attempt, and that ``env`` is not set). vLLM's modules are not imported when
+    the installed vLLM is its CPU build (:func:`vllm_cpu_build`)."""
     if loaded():
         return []
     errors = []
+    cpu_build = vllm_cpu_build()
     for module in (modules,) if isinstance(modules, str) else modules:
+        if cpu_build and module.startswith("vllm."):
+            errors.append(f"import {module}: not tried, the installed vLLM is its CPU build "
+                          f"({cpu_build}), whose extensions hold no CUDA kernels")
+            continue
         try:
             importlib.import_module(module)
             break
@@ -70,6 +78,24 @@ def load_extension(modules: str | tuple[str, ...], env: str,
     if not path:
         errors.append(f"{env} not set")
     return errors
+
+
+@functools.cache
+def vllm_cpu_build() -> str | None:
+    """``"<distribution> <version>"`` when the installed vLLM is its CPU build (the
+    ``vllm-cpu`` distribution, or a ``+cpu`` version), else None; read from the package
+    metadata, without importing vLLM.
+
+    Its ``vllm._C`` is not only useless here (CPU kernels) but can kill the process: it is
+    built for AVX-512 with bf16, and vLLM's own loader (``CpuPlatform.import_kernels``) imports
+    ``_C_AVX2`` instead on CPUs without them; importing ``vllm._C`` there dies with SIGILL."""
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return f"{dist} {version}" if dist == "vllm-cpu" or "+cpu" in version else None
+    return None
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
