@@ -115,6 +115,9 @@ def flag_gems_on_path(tmp_path, monkeypatch):
     flaggems._import.cache_clear()
     yield tmp_path
     flaggems._import.cache_clear()
+    # the fake, once imported, would stay in sys.modules for the rest of the process (the
+    # delitem above undoes nothing for a key that was absent): later tests would find it
+    sys.modules.pop("flag_gems", None)
 
 
 def fake_gpu(monkeypatch, initialised: bool) -> list[int]:

@@ -14,6 +14,9 @@ CUDA graph replayed with new lengths.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,8 +57,26 @@ def _gluon(splits: int):
 def test_kernel_compiles_for_sm90(dtype, direct: bool) -> None:
     """The H200 launch (64 rows, 64 positions, two slots, 8 warps) compiles for sm_90: TMA tile
     loads and mbarrier waits, warpgroup MMAs issued asynchronously, within the shared memory
-    of one block."""
+    of one block.
+
+    In a fresh process without ``TRITON_INTERPRET``: Gluon's standard functions (``gl.max``)
+    are jit functions bound to the interpreter when ``triton.experimental.gluon`` is first
+    imported while it is set (an earlier interpreted test in the same process), and the
+    compiler then rejects them."""
     pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+    code = (f"import torch, test_mla_gluon as t; "
+            f"t.compile_and_check(torch.{str(dtype).split('.')[-1]}, {direct})")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=here,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def compile_and_check(dtype, direct: bool) -> None:
+    """The body of test_kernel_compiles_for_sm90, run in its own process."""
     mla = _mla()
     from fl_dispatch_flagos import launcher
     from fl_dispatch_flagos.kernels_mla_gluon import mla_gluon_kernel
