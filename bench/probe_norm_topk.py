@@ -39,15 +39,26 @@ DEV = "cuda"
 # ----------------------------------------------------------------------------- rms_norm
 
 @triton.jit
+def _norm_store(s, r, w_ptr, out_ptr, stride_out, cols, cmask, wf, n_cols, eps,
+                STREAM: tl.constexpr):
+    """Row ``r`` of the output from its fp32 values ``s``: the shipped kernel's rounding."""
+    w_ty = w_ptr.dtype.element_ty
+    rstd = tl.math.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
+    y = ((s * rstd).to(w_ty).to(tl.float32) * wf).to(w_ty)
+    if STREAM == 2:
+        tl.store(out_ptr + r * stride_out + cols, y, mask=cmask, cache_modifier=".cs")
+    else:
+        tl.store(out_ptr + r * stride_out + cols, y, mask=cmask)
+
+
+@triton.jit
 def norm_persist(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out, eps,
                  BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, STREAM: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    w_ty = w_ptr.dtype.element_ty
-    wf = w.to(tl.float32)
+    wf = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     if PREFETCH:
         nxt = tl.load(x_ptr + pid * stride_x + cols, mask=cols < n_cols * (pid < n_rows),
                       other=0.0, eviction_policy="evict_first")
@@ -56,32 +67,20 @@ def norm_persist(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out, ep
             rn = r + nprog
             nxt = tl.load(x_ptr + rn * stride_x + cols, mask=cols < n_cols * (rn < n_rows),
                           other=0.0, eviction_policy="evict_first")
-            rstd = tl.math.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
-            y = ((s * rstd).to(w_ty).to(tl.float32) * wf).to(w_ty)
-            if STREAM == 2:
-                tl.store(out_ptr + r * stride_out + cols, y, mask=cmask,
-                         cache_modifier=".cs")
-            else:
-                tl.store(out_ptr + r * stride_out + cols, y, mask=cmask)
+            _norm_store(s, r, w_ptr, out_ptr, stride_out, cols, cmask, wf, n_cols, eps, STREAM)
     else:
         for r in range(pid, n_rows, nprog):
             s = tl.load(x_ptr + r * stride_x + cols, mask=cmask, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            rstd = tl.math.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
-            y = ((s * rstd).to(w_ty).to(tl.float32) * wf).to(w_ty)
-            if STREAM == 2:
-                tl.store(out_ptr + r * stride_out + cols, y, mask=cmask,
-                         cache_modifier=".cs")
-            else:
-                tl.store(out_ptr + r * stride_out + cols, y, mask=cmask)
+            _norm_store(s, r, w_ptr, out_ptr, stride_out, cols, cmask, wf, n_cols, eps, STREAM)
 
 
 def _time(fns: dict, rounds: int = 3, rep: int = 200) -> dict[str, float]:
-    best: dict[str, list[float]] = {k: [] for k in fns}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            best[k].append(do_bench_cudagraph(fn, rep=rep) * 1000.0)
-    return {k: sorted(v)[len(v) // 2] for k, v in best.items()}
+            samples[k].append(do_bench_cudagraph(fn, rep=rep) * 1000.0)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
 def probe_norm(out: list[str]) -> None:
@@ -207,19 +206,13 @@ def gtopk_flat(s_ptr, bias_ptr, w_ptr, ids_ptr, n_rows, stride_s, scaling,
 
 
 def probe_topk(out: list[str]) -> None:
-    import lzma
-    import tempfile
-    from pathlib import Path
-
     from fl_dispatch_flagos import moe_routing as mr
-    vllm = None
-    packed = Path(__file__).resolve().parent.parent / ".gpu-ops" / "vllm_moe_C.so.xz"
-    if packed.exists():
-        so = Path(tempfile.gettempdir()) / "vllm_moe_C.so"
-        if not so.exists():
-            so.write_bytes(lzma.open(packed).read())
-        torch.ops.load_library(str(so))
-        vllm = torch.ops._moe_C
+    from moe_routing import _load_vllm
+
+    vllm = _load_vllm()
+    if isinstance(vllm, str):  # the reason it is missing
+        print(f"vllm _moe_C: {vllm}")
+        vllm = None
     e, ng, tg, k = 256, 8, 4, 8
     bias = (torch.randn(e, device=DEV) * 0.05).to(torch.bfloat16)
     for t in (1, 16, 64, 256):
