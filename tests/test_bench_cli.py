@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--decode", "1,4", "--prefill", "16", "--hidden", "64",
         "--intermediate", "96", "--heads", "2", "--kv-heads", "1", "--head-size", "32",
         "--moe-intermediate", "32", "--mla-heads", "2", "--kv-len", "40", "--repeats", "3"]
-OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding", "topk_softmax",
-       "grouped_topk", "moe_align_block_size", "moe_sum", "fused_experts", "flash_mla"}
+OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding", "rotary_embedding_out",
+       "topk_softmax", "grouped_topk", "moe_align_block_size", "moe_sum", "fused_experts",
+       "flash_mla"}
 RESULT_KEYS = {"op", "case", "phase", "tokens", "impl", "kind", "bytes", "status", "us", "gbs",
                "tflops",
                "pct_copy", "ratio_to_best_other", "note"}

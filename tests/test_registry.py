@@ -37,9 +37,10 @@ def register(registry: Registry, plugin: str = "acme_plugin", op: str = "rms_nor
 
 def test_builtin_ops(registry):
     assert list(registry.ops) == ["silu_and_mul", "gelu_and_mul", "rms_norm",
-                                  "rotary_embedding", "attention_backend", "topk_softmax",
-                                  "grouped_topk", "moe_align_block_size", "moe_sum",
-                                  "fused_experts", "flash_mla"]
+                                  "rotary_embedding", "rotary_embedding_out",
+                                  "attention_backend", "topk_softmax", "grouped_topk",
+                                  "moe_align_block_size", "moe_sum", "fused_experts",
+                                  "flash_mla"]
     assert all(registry.impls[op] == [] for op in registry.ops)
 
 

@@ -20,8 +20,9 @@ PLUGINS = ROOT / "tests" / "plugins"
 OFFBY = "vendor.brokenvendor.offby"
 CONTIGUOUS = "vendor.brokenvendor.contiguous"
 IGNOREOUT = "vendor.brokenvendor.ignoreout"
-TENSOR_OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding", "topk_softmax",
-              "grouped_topk", "moe_align_block_size", "moe_sum", "fused_experts", "flash_mla"}
+TENSOR_OPS = {"silu_and_mul", "gelu_and_mul", "rms_norm", "rotary_embedding",
+              "rotary_embedding_out", "topk_softmax", "grouped_topk", "moe_align_block_size",
+              "moe_sum", "fused_experts", "flash_mla"}
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -248,18 +248,24 @@ def test_bad_global_switch_is_a_clear_error():
     assert "env:VLLM_FL_PREFER_ENABLED: 'maybe' is not a boolean" in proc.stderr
 
 
-def test_compiled_rotary_on_qkv_views_copies_q_and_k_not_qkv():
+@pytest.mark.parametrize("form", ["out", "copies"])
+def test_compiled_rotary_on_qkv_views_never_copies_qkv(form):
     """Regression (H200, Llama-3-8B: plugin on 2-4% below stock at batch 64/256): vLLM
     compiles with auto_functionalized v1, under which an opaque op mutating the q/k slices of
     the qkv projection made Inductor clone each slice's whole span of qkv (and scatter it
-    back). The compiled rotary now rotates fresh copies of q and k: the buffers Inductor
-    allocates before the op are exactly q's and k's sizes, and the result is vLLM's."""
+    back). The compiled rotary writes fresh tensors of exactly q's and k's sizes instead, and
+    the result is vLLM's. "out": the chosen backend serves rotary_embedding_out, which reads
+    the q/k views of qkv directly: no kernel between the projection and the rotation (the
+    copy kernel this removes was one launch per layer, about 1% of a batch-1 step on the
+    H200). "copies": a backend without it rotates copies (one fused copy kernel)."""
     result, _ = run("""
-    import re
+    import re, sys
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
-    from fl_dispatch.vllm_glue import plugin as vllm_plugin
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin, layers
     vllm_plugin.register()
+    oop = layers.OUT_OF_PLACE["rotary_embedding"]
+    layers.OUT_OF_PLACE["rotary_embedding"] = FORM == "out"
     from vllm.model_executor.layers.rotary_embedding import get_rope
     with set_current_vllm_config(VllmConfig()):
         rope = get_rope(32, max_position=128, is_neox_style=True, rope_parameters=None,
@@ -273,16 +279,19 @@ def test_compiled_rotary_on_qkv_views_copies_q_and_k_not_qkv():
     x, pos = torch.randn(9, 64), torch.randint(0, 128, (9,))
     with inductor_config.patch(enable_auto_functionalized_v2=False):
         out, code = run_and_get_code(torch.compile(f, dynamic=True), x, pos)
-    def allocs(code):
+    def before_rotary(code):
         src = "\\n".join(code)
-        before = src[:src.index("torch.ops.fl_dispatch.rotary_embedding.default(")]
-        return [re.sub(r"\\bs\\d+\\b", "T", a)
-                for a in re.findall(r"empty_strided_cpu\\(\\(([^)]*)\\)", before)], src
+        call = re.search(r"torch\\.ops\\.fl_dispatch\\.(rotary_embedding\\w*)\\.default\\(", src)
+        before = src[src.index("def call("):call.start()]
+        allocs = [re.sub(r"\\bs\\d+\\b", "T", a)
+                  for a in re.findall(r"empty_strided_cpu\\(\\(([^)]*)\\)", before)]
+        kernels = re.findall(r"^\\s*(cpp_fused_\\w+)\\(", before, re.M)
+        return allocs, kernels, call.group(1), src
     q, k, v = (x @ w).split([4 * 32, 32, 32], -1)
     eq, ek = rope.forward_native(pos, q.clone(), k.clone())
-    views, src = allocs(code)
-    # q and k normalised first (Qwen3's q/k norms, opaque ops here): fresh tensors, whose
-    # copy Inductor drops: the rotation runs in place on the norms' outputs
+    views, kernels, op, src = before_rotary(code)
+    # q and k normalised first (Qwen3's q/k norms, opaque ops here): fresh tensors; copies
+    # of them Inductor drops (the rotation runs in place on the norms' outputs)
     from vllm.model_executor.layers.layernorm import RMSNorm
     with set_current_vllm_config(VllmConfig()):
         qn, kn = RMSNorm(32, eps=1e-6), RMSNorm(32, eps=1e-6)
@@ -293,21 +302,55 @@ def test_compiled_rotary_on_qkv_views_copies_q_and_k_not_qkv():
         return q * 2, k + 1
     with inductor_config.patch(enable_auto_functionalized_v2=False):
         out2, code2 = run_and_get_code(torch.compile(g, dynamic=True), x, pos)
-    packed, _ = allocs(code2)
+    packed, kernels2, _, _ = before_rotary(code2)
     pq, pk = rope.forward_native(pos, qn(q.reshape(-1, 4, 32)).reshape(q.shape),
                                  kn(k.reshape(-1, 1, 32)).reshape(k.shape))
-    emit(views=views, packed=packed, scatter="slice_scatter" in src,
+    emit(oop=oop, op=op, views=views, kernels=kernels, packed=packed, kernels2=kernels2,
+         scatter="slice_scatter" in src,
          same=[torch.allclose(out[0], eq * 2, atol=1e-6),
                torch.allclose(out[1], ek + 1, atol=1e-6), torch.equal(out[2], v),
                torch.allclose(out2[0], pq * 2, atol=1e-6),
                torch.allclose(out2[1], pk + 1, atol=1e-6)])
-    """, VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="1")
-    # the mm output, then q's and k's copies ([T, 128] and [T, 32]); before the change: two
-    # flat spans of 192 * T - 64 and 192 * T - 32 elements (nearly all of qkv, twice)
+    """.replace("FORM", repr(form)), VLLM_FL_PREFER="reference", VLLM_FL_DISPATCH_DEBUG="1")
+    # the reference serves both ops: out of place unless forced off
+    assert result["oop"] is True
+    assert not result["scatter"] and all(result["same"]), result
+    if form == "out":
+        assert result["op"] == "rotary_embedding_out"
+        # the mm output, then the two outputs; no kernel before the rotation
+        assert result["views"] == ["T, 192", "T, 128", "T, 32"], result["views"]
+        assert result["kernels"] == [] and result["kernels2"] == [], result
+        return
+    assert result["op"] == "rotary_embedding"
+    # the mm output, then q's and k's copies ([T, 128] and [T, 32]), made by one fused
+    # kernel; before the change: two flat spans of 192 * T - 64 and 192 * T - 32 elements
     assert result["views"] == ["T, 192", "T, 128", "T, 32"], result["views"]
+    assert len(result["kernels"]) == 1 and "clone" in result["kernels"][0], result
     # normalised first: nothing allocated before the rotation but the mm output
     assert result["packed"] == ["T, 192"], result["packed"]
-    assert not result["scatter"] and all(result["same"]), result
+
+
+def test_compiled_rotary_goes_out_of_place_only_with_the_chosen_backend():
+    """``rotary_embedding_out`` serves compiled graphs only as the faster form of the impl
+    chosen for ``rotary_embedding``: when another backend's rotary is chosen (policy or
+    ranking), compiled graphs rotate copies with that one, not another backend's out op."""
+    code = """
+    from fl_dispatch.vllm_glue import plugin as vllm_plugin, layers
+    from fl_dispatch.core.dispatch import get_dispatcher
+    vllm_plugin.register()
+    d = get_dispatcher()
+    emit(oop=layers.OUT_OF_PLACE["rotary_embedding"],
+         chosen=[d.selection(op).chosen.impl_id
+                 for op in ("rotary_embedding", "rotary_embedding_out")])
+    """
+    both, _ = run(code, VLLM_FL_PREFER="reference")
+    assert both == {"oop": True, "chosen": ["reference.torch", "reference.torch"]}
+    vendor, _ = run(code, VLLM_FL_PLUGIN_MODULES="inplace_rotary_backend",
+                    VLLM_FL_PER_OP="rotary_embedding=vendor:inplace;rotary_embedding_out=reference")
+    assert vendor == {"oop": False, "chosen": ["vendor.inplace", "reference.torch"]}
+    back, _ = run(code, VLLM_FL_PLUGIN_MODULES="inplace_rotary_backend",
+                  VLLM_FL_PER_OP="rotary_embedding=reference;rotary_embedding_out=reference")
+    assert back == {"oop": True, "chosen": ["reference.torch", "reference.torch"]}
 
 
 def test_replacements_keep_vllms_custom_op_names():

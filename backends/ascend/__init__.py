@@ -24,6 +24,9 @@ def fl_dispatch_backend_info() -> BackendInfo:
                                                  "(torch_npu's kernel needs a key); strided, "
                                                  "3-D and partial-rotary q/k go through dense "
                                                  "copies written back",
+                             "rotary_embedding_out": "not served: compiled graphs rotate "
+                                                     "copies with rotary_embedding (torch_npu's "
+                                                     "kernel is in place only)",
                              "rms_norm": "a weight in another dtype than x is delegated to "
                                          "the reference (torch_npu takes gamma in x's "
                                          "dtype only)"})

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from fl_dispatch import ImplTable, bad_approximate, copy_back, weight_or_ones
+from fl_dispatch import ImplTable, bad_approximate, checked, copy_back, weight_or_ones
 
 LIBRARY_ENV = "FL_DISPATCH_VLLM_C"
 """Path of a vLLM ``_C`` library to load when ``vllm._C`` is not importable (benchmarks)."""
@@ -162,3 +162,23 @@ def rotary_embedding(
     if cos_sin_cache.dtype != query.dtype:
         cos_sin_cache = cos_sin_cache.to(query.dtype)
     torch.ops._C.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+@impls.impl()
+@checked
+def rotary_embedding_out(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    query_out: torch.Tensor,
+    key_out: torch.Tensor | None,
+) -> None:
+    """vLLM's kernel is in place only: copy, then rotate the copies (what the compiled glue
+    does for a backend without this op; here so that choosing vLLM's rotary keeps it)."""
+    query_out.copy_(query)
+    if key is not None:
+        key_out.copy_(key)
+    rotary_embedding(positions, query_out, key_out, head_size, cos_sin_cache, is_neox)

@@ -179,6 +179,7 @@ GAPS = {
                         "cos/sin tensors gathered per token and rotates whole heads: serving "
                         "vLLM's cache + positions contract needs a gather and a copy per call, "
                         "slower than our kernel",
+    "rotary_embedding_out": "default.flagos.flaggems does not serve it (as rotary_embedding)",
     # the MoE impls of flaggems_moe.py (FlagGems 5.0.2, src/flag_gems/fused/*.py)
     "topk_softmax": "default.flagos.flaggems (flag_gems.topk_softmax): no bias, topk > 32, "
                     "E > 1024 go to our Triton topk_softmax (default.flagos); FlagGems adds "

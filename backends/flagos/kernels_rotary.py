@@ -1,8 +1,11 @@
-"""Triton kernel: rotary position embedding in place on query and key (neox and GPT-J).
+"""Triton kernel: rotary position embedding on query and key (neox and GPT-J), in place or
+into separate outputs.
 
 Plain functions, decorated by :mod:`.launcher` on first use. Program (token, head block)
 rotates BLOCK_H heads of the query and BLOCK_H heads of the key of one token; only the first
-``2 * HALF`` (rotary_dim) features of each head are read and written (partial rotary).
+``2 * HALF`` (rotary_dim) features of each head are read (partial rotary). They are written
+to ``qo``/``ko``: the inputs themselves in place, else the outputs, where the ``REST``
+features after them are copied too (0 in place).
 Rounding as the reference (vLLM's ``forward_native``): cos/sin cast to the tensor's dtype,
 each product and the sum rounded to that dtype.
 """
@@ -13,13 +16,15 @@ import triton.language as tl
 
 
 def rotary_kernel(
-    pos_ptr, q_ptr, k_ptr, cache_ptr,
+    pos_ptr, q_ptr, k_ptr, cache_ptr, qo_ptr, ko_ptr,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_cache,
+    stride_qo_tok, stride_qo_head, stride_ko_tok, stride_ko_head,
     num_q_heads, num_k_heads,
     HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-    IS_NEOX: tl.constexpr, HAS_KEY: tl.constexpr,
+    IS_NEOX: tl.constexpr, HAS_KEY: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
 ):
-    """q/k rows are ``[heads, head_size]`` blocks at ``tok * stride_tok + head * stride_head``."""
+    """q/k (and qo/ko) rows are ``[heads, head_size]`` blocks at ``tok * stride_tok + head *
+    stride_head``; head_size = 2 * HALF + REST when REST > 0."""
     tok = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_R)
@@ -44,8 +49,14 @@ def rotary_kernel(
     s = sin.to(q_ty).to(tl.float32)[None, :]
     o1 = (x1 * c).to(q_ty).to(tl.float32) - (x2 * s).to(q_ty).to(tl.float32)
     o2 = (x2 * c).to(q_ty).to(tl.float32) + (x1 * s).to(q_ty).to(tl.float32)
-    tl.store(q_heads + i1[None, :], o1.to(q_ty), mask=q_mask)
-    tl.store(q_heads + i2[None, :], o2.to(q_ty), mask=q_mask)
+    qo_heads = qo_ptr + tok * stride_qo_tok + h[:, None] * stride_qo_head
+    tl.store(qo_heads + i1[None, :], o1.to(q_ty), mask=q_mask)
+    tl.store(qo_heads + i2[None, :], o2.to(q_ty), mask=q_mask)
+    c_rest = tl.arange(0, BLOCK_REST)
+    if REST > 0:
+        rest_mask = (h < num_q_heads)[:, None] & (c_rest < REST)[None, :]
+        rest = tl.load(q_heads + 2 * HALF + c_rest[None, :], mask=rest_mask)
+        tl.store(qo_heads + 2 * HALF + c_rest[None, :], rest, mask=rest_mask)
 
     if HAS_KEY:
         k_ty = k_ptr.dtype.element_ty
@@ -57,5 +68,10 @@ def rotary_kernel(
         ks = sin.to(k_ty).to(tl.float32)[None, :]
         p1 = (y1 * kc).to(k_ty).to(tl.float32) - (y2 * ks).to(k_ty).to(tl.float32)
         p2 = (y2 * kc).to(k_ty).to(tl.float32) + (y1 * ks).to(k_ty).to(tl.float32)
-        tl.store(k_heads + i1[None, :], p1.to(k_ty), mask=k_mask)
-        tl.store(k_heads + i2[None, :], p2.to(k_ty), mask=k_mask)
+        ko_heads = ko_ptr + tok * stride_ko_tok + h[:, None] * stride_ko_head
+        tl.store(ko_heads + i1[None, :], p1.to(k_ty), mask=k_mask)
+        tl.store(ko_heads + i2[None, :], p2.to(k_ty), mask=k_mask)
+        if REST > 0:
+            k_rest_mask = (h < num_k_heads)[:, None] & (c_rest < REST)[None, :]
+            k_rest = tl.load(k_heads + 2 * HALF + c_rest[None, :], mask=k_rest_mask)
+            tl.store(ko_heads + 2 * HALF + c_rest[None, :], k_rest, mask=k_rest_mask)

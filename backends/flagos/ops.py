@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fl_dispatch import ImplTable, bad_approximate
+from fl_dispatch import ImplTable, bad_approximate, checked
 
 from .capability import unavailable_reason
 from .launcher import TritonKernel, pow2
@@ -423,6 +423,30 @@ def rotary_embedding(
     is_neox: bool,
 ) -> None:
     """Rotary embedding in place on ``query`` and ``key`` (either may be a strided view)."""
+    _rotary(positions, query, key, head_size, cos_sin_cache, is_neox, query, key)
+
+
+@impls.impl()
+@checked
+def rotary_embedding_out(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    query_out: torch.Tensor,
+    key_out: torch.Tensor | None,
+) -> None:
+    """Rotary embedding of ``query``/``key`` into ``query_out``/``key_out``: the same kernel
+    in one pass (rotated part and the features after it)."""
+    _rotary(positions, query, key, head_size, cos_sin_cache, is_neox, query_out, key_out)
+
+
+def _rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+            head_size: int, cos_sin_cache: torch.Tensor, is_neox: bool,
+            query_out: torch.Tensor, key_out: torch.Tensor | None) -> None:
+    """Rotate ``query``/``key`` into ``query_out``/``key_out`` (the same tensors: in place)."""
     pos = positions if len(positions.shape) == 1 else positions.reshape(-1)
     tokens = pos.shape[0]
     if tokens == 0:
@@ -438,27 +462,36 @@ def rotary_embedding(
     if cache_stride[-1] != 1:
         cache = cos_sin_cache.contiguous()
         cache_stride = cache.stride()
+    in_place = query_out is query
     qh = _heads(query, tokens, head_size)
     kh = _heads(key, tokens, head_size) if key is not None else (0, 0, 0)
-    if qh is None or kh is None:  # a layout the kernel cannot address: copy, rotate, write back
+    qoh = qh if in_place else _heads(query_out, tokens, head_size)
+    koh = kh if in_place or key_out is None else _heads(key_out, tokens, head_size)
+    if qh is None or kh is None or qoh is None or koh is None:
+        # a layout the kernel cannot address: rotate contiguous copies, then write them out
         qc = query.contiguous()
         kc = key.contiguous() if key is not None else None
         rotary_embedding(pos, qc, kc, head_size, cache, is_neox)
-        query.copy_(qc)
-        if key is not None:
-            key.copy_(kc)
+        query_out.copy_(qc)
+        if key_out is not None:
+            key_out.copy_(kc)
         return None
     half = rotary_dim // 2
     heads = qh[2] if qh[2] >= kh[2] else kh[2]
     block_r, block_h, warps = rotary_config(tokens, heads, half)
     has_key = key is not None
     k = key if has_key else query
+    ko = key_out if has_key else query_out
+    rest = 0 if in_place else head_size - rotary_dim
     dev = query.get_device()
     pp, pq, pk, pc = pos.data_ptr(), query.data_ptr(), k.data_ptr(), cache.data_ptr()
-    rest = (qh[0], qh[1], kh[0], kh[1], cache_stride[0], qh[2], kh[2], half, block_r,
-            block_h, bool(is_neox), has_key)
+    pqo, pko = query_out.data_ptr(), ko.data_ptr()
+    args = (qh[0], qh[1], kh[0], kh[1], cache_stride[0], qoh[0], qoh[1], koh[0], koh[1],
+            qh[2], kh[2], half, block_r, block_h, bool(is_neox), has_key, rest,
+            pow2(rest) if rest else 1)
     launch_key = (pos.dtype, query.dtype, k.dtype, cache.dtype, pp & 15, pq & 15, pk & 15,
-                  pc & 15, rest, warps, dev)
+                  pc & 15, pqo & 15, pko & 15, args, warps, dev)
     ROTARY_KERNEL.launch(launch_key, (tokens, (heads + block_h - 1) // block_h, 1), dev,
-                         (pos, query, k, cache), (pp, pq, pk, pc), rest, warps)
+                         (pos, query, k, cache, query_out, ko), (pp, pq, pk, pc, pqo, pko),
+                         args, warps)
     return None

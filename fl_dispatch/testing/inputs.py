@@ -285,11 +285,14 @@ def _rms_cases(shapes: Iterable[tuple[int, ...]], dtype: str) -> list[Case]:
 def rope_case(tokens: int, heads: int, kv_heads: int, head_size: int, rotary_dim: int,
               dtype: str, *, is_neox: bool, layout: str = "qkv", key: bool = True,
               cache_dtype: str = "fp32", max_position: int = 4096,
-              angles: str = "real") -> Case:
+              angles: str = "real", out: bool = False) -> Case:
     """rotary_embedding in place. ``layout``: "qkv" (query and key are row-strided column
     slices of one qkv buffer, as in vLLM), "2d" (``[T, heads*head_size]``) or "3d"
     (``[T, heads, head_size]``). ``cache_dtype``: "fp32" or "same" (the query's dtype).
-    ``angles``: "real" (:func:`rope_cache`) or "quarter" (:func:`quarter_turn_cache`)."""
+    ``angles``: "real" (:func:`rope_cache`) or "quarter" (:func:`quarter_turn_cache`).
+    ``out``: a case of rotary_embedding_out instead, whose ``query_out``/``key_out`` are
+    filled with NaN (a feature left unwritten fails) and laid out as the inputs (row-strided
+    slices of one buffer for "qkv")."""
     if angles not in ("real", "quarter"):
         raise ValueError(f"angles={angles!r}; valid: real, quarter")
     if layout not in ("qkv", "2d", "3d"):
@@ -323,25 +326,44 @@ def rope_case(tokens: int, heads: int, kv_heads: int, head_size: int, rotary_dim
                 k = m.randn(*shape_k)
         make_cache = rope_cache if angles == "real" else quarter_turn_cache
         cache = make_cache(max_position, rotary_dim, cache_torch, device)
-        return {"positions": positions, "query": q, "key": k, "head_size": head_size,
+        args = {"positions": positions, "query": q, "key": k, "head_size": head_size,
                 "cos_sin_cache": cache, "is_neox": is_neox}
+        if out:
+            args["query_out"], args["key_out"] = _nan_like(q, k, layout)
+        return args
 
     es = _size(dtype)
     cache_es = 4 if cache_dtype == "fp32" else es
-    rotated = tokens * (heads + (kv_heads if key else 0)) * rotary_dim
-    moved = 2 * rotated * es + tokens * rotary_dim * cache_es + tokens * 8
-    return Case("rotary_embedding", name, dtype, build, "none", moved)
+    heads_moved = heads + (kv_heads if key else 0)
+    moved = (2 * tokens * heads_moved * (head_size if out else rotary_dim) * es
+             + tokens * rotary_dim * cache_es + tokens * 8)
+    op = "rotary_embedding_out" if out else "rotary_embedding"
+    return Case(op, name, dtype, build, "none", moved)
+
+
+def _nan_like(q: torch.Tensor, k: torch.Tensor | None, layout: str
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NaN-filled outputs for q and k, laid out as they are ("qkv": slices of one buffer,
+    with 8 more columns so that the rows are strided)."""
+    if layout != "qkv":
+        return (torch.full_like(q, float("nan")),
+                None if k is None else torch.full_like(k, float("nan")))
+    qw = q.shape[1]
+    kw = 0 if k is None else k.shape[1]
+    buf = torch.full((q.shape[0], qw + kw + 8), float("nan"), dtype=q.dtype, device=q.device)
+    return buf[:, :qw], (None if k is None else buf[:, qw:qw + kw])
 
 
 def _rope_cases(shapes: Iterable[tuple[int, ...]], dtype: str,
-                max_position: int) -> list[Case]:
+                max_position: int, out: bool) -> list[Case]:
     cases = []
     for i, (t, h, kv, hs) in enumerate(shapes):
         full, part = hs, hs // 2
 
         def case(rd: int, t: int = t, h: int = h, kv: int = kv, hs: int = hs,
                  **kw: Any) -> Case:
-            return rope_case(t, h, kv, hs, rd, dtype, max_position=max_position, **kw)
+            return rope_case(t, h, kv, hs, rd, dtype, max_position=max_position, out=out,
+                             **kw)
 
         for is_neox in (True, False):
             for rd in (full, part):
@@ -391,9 +413,10 @@ def rms_cases(dtype: str, size: Size) -> list[Case]:
     return _rms_cases(shapes(size, "rms"), dtype)
 
 
-def rope_cases(dtype: str, size: Size) -> list[Case]:
-    """Conformance cases of rotary_embedding: neox/GPT-J, full/partial, key=None, layouts."""
-    return _rope_cases(shapes(size, "rope"), dtype, 8192 if size == "full" else 512)
+def rope_cases(dtype: str, size: Size, out: bool = False) -> list[Case]:
+    """Conformance cases of rotary_embedding (``out``: of rotary_embedding_out): neox/GPT-J,
+    full/partial, key=None, layouts."""
+    return _rope_cases(shapes(size, "rope"), dtype, 8192 if size == "full" else 512, out)
 
 
 # --------------------------------------------------------------------------- copies

@@ -36,6 +36,9 @@ _is_compiling = torch.compiler.is_compiling
 TRACE: dict[str, bool] = {}
 """Per op of :data:`LAYERS`: trace the chosen impl under torch.compile (set once per
 process; filled from LAYERS below)."""
+OUT_OF_PLACE: dict[str, bool] = {"rotary_embedding": False}
+"""Per in-place op: compiled graphs call its out-of-place op (``<op>_out``), because the
+backend chosen for the op serves that too (set once per process, by :func:`set_tracing`)."""
 
 
 def _silu_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,18 +78,27 @@ def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = Non
 
 def _rotate_copies(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
                    head_size: int, cache: torch.Tensor, is_neox: bool):
-    """The compiled form of an in-place rotary: rotate fresh copies and return them.
+    """The compiled form of the rotary: rotate into fresh tensors and return them.
 
     vLLM compiles with Inductor's auto_functionalized v1 (``enable_auto_functionalized_v2``
     False in its inductor_compile_config). Under v1 an opaque op that mutates *views*, as
     query and key are (slices of the qkv projection), cannot be re-inplaced: Inductor clones
     each view's whole span of qkv and scatters the results back (on the CPU build's post-grad
     graph: two clones and two ``slice_scatter`` of qkv per layer, where stock's native form
-    makes one pass). A fresh copy is re-inplaced: one extra pass over q and k, no scatter.
-    Where q and k are fresh already (Qwen3 normalises them first), Inductor drops the copy and
-    rotates them in place (both cases checked on generated code in
-    tests/test_vllm_integration.py). The callers use the returned tensors (vLLM's
-    forward_native returns new ones too)."""
+    makes one pass). Fresh outputs are re-inplaced: ``rotary_embedding_out`` reads q and k
+    and writes new tensors in one kernel, when the backend chosen for ``rotary_embedding``
+    also serves it (``OUT_OF_PLACE``); else the chosen in-place impl rotates fresh copies
+    (one copy kernel more per tensor; where q and k are fresh already, as Qwen3 normalises
+    them first, Inductor drops the copies and rotates them in place). Both cases are checked
+    on generated code in tests/test_vllm_integration.py. The callers use the returned tensors
+    (vLLM's forward_native returns new ones too)."""
+    if OUT_OF_PLACE["rotary_embedding"]:
+        query_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        key_out = (torch.empty(key.shape, dtype=key.dtype, device=key.device)
+                   if key is not None else None)
+        torch.ops.fl_dispatch.rotary_embedding_out(positions, query, key, head_size, cache,
+                                                   is_neox, query_out, key_out)
+        return query_out, key_out
     query = query.clone()
     key = key.clone() if key is not None else None
     torch.ops.fl_dispatch.rotary_embedding(positions, query, key, head_size, cache, is_neox)
@@ -144,6 +156,11 @@ def set_tracing(dispatcher) -> dict[str, bool]:
     for name in TRACE:
         chosen = dispatcher.selection(name).chosen
         TRACE[name] = bool(chosen is not None and chosen.traceable and not counting)
+    for name in OUT_OF_PLACE:
+        chosen = dispatcher.selection(name).chosen
+        out = dispatcher.selection(f"{name}_out").chosen
+        OUT_OF_PLACE[name] = bool(chosen is not None and out is not None
+                                  and out.plugin == chosen.plugin)
     return dict(TRACE)
 
 

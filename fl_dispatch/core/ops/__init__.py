@@ -12,12 +12,6 @@ from types import ModuleType
 
 from ..opspec import OpSpec
 from . import activation, attention, layernorm, mla, moe, rotary
-from .activation import gelu_and_mul, silu_and_mul
-from .attention import attention_backend
-from .layernorm import rms_norm
-from .mla import flash_mla
-from .moe import fused_experts, grouped_topk, moe_align_block_size, moe_sum, topk_softmax
-from .rotary import rotary_embedding
 
 FAMILIES: tuple[ModuleType, ...] = (activation, layernorm, rotary, attention, moe, mla)
 """The family modules, in the order tools list their ops."""
@@ -27,6 +21,5 @@ BUILTIN_OPS: tuple[OpSpec, ...] = tuple({
     if isinstance(value, OpSpec)}.values())  # unique: a family may also bind an alias
 """The ops the core defines. Backends may define more through ``fl_dispatch_define_ops``."""
 
-__all__ = ["BUILTIN_OPS", "FAMILIES", "attention_backend", "flash_mla", "fused_experts",
-           "gelu_and_mul", "grouped_topk", "moe_align_block_size", "moe_sum", "rms_norm",
-           "rotary_embedding", "silu_and_mul", "topk_softmax"]
+globals().update({op.name: op for op in BUILTIN_OPS})  # fl_dispatch.core.ops.<op>
+__all__ = ["BUILTIN_OPS", "FAMILIES", *sorted(op.name for op in BUILTIN_OPS)]

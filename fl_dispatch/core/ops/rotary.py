@@ -1,4 +1,5 @@
-"""Rotary position embedding in place (vLLM's RotaryEmbedding and its cache-only variants)."""
+"""Rotary position embedding (vLLM's RotaryEmbedding and its cache-only variants): in place,
+and out of place for compiled graphs."""
 
 from __future__ import annotations
 
@@ -51,6 +52,57 @@ def rotary_embedding(
         rot.copy_(_rotate(rot, cos, sin, is_neox))
 
 
+def _check_out_args(positions: Tensor, query: Tensor, key: Tensor | None, head_size: int,
+                    cos_sin_cache: Tensor, is_neox: bool, query_out: Tensor,
+                    key_out: Tensor | None) -> None:
+    if (key is None) != (key_out is None):
+        raise ValueError(f"rotary_embedding_out: key and key_out must both be given or both be "
+                         f"None, got key={_desc(key)} and key_out={_desc(key_out)}")
+    for name, out, src in (("query_out", query_out, query), ("key_out", key_out, key)):
+        if out is None or src is None:
+            continue
+        if out.shape != src.shape or out.dtype != src.dtype:
+            source = name[:-len("_out")]
+            raise ValueError(f"rotary_embedding_out: {name} must have {source}'s shape and "
+                             f"dtype {tuple(src.shape)} {src.dtype}, got {_desc(out)}")
+
+
+def _desc(t: Tensor | None) -> str:
+    return "None" if t is None else f"{tuple(t.shape)} {t.dtype}"
+
+
+@define_op(mutates=("query_out", "key_out"), layer="rotary_embedding",
+           check_args=_check_out_args)
+def rotary_embedding_out(
+    positions: Tensor,
+    query: Tensor,
+    key: Tensor | None,
+    head_size: int,
+    cos_sin_cache: Tensor,
+    is_neox: bool,
+    query_out: Tensor,
+    key_out: Tensor | None,
+) -> None:
+    """:func:`rotary_embedding` **out of place**: ``query_out`` and ``key_out`` receive what
+    ``rotary_embedding`` would leave in ``query`` and ``key`` (every feature: those past
+    ``rotary_dim`` copied), bit for bit; ``query`` and ``key`` are only read.
+
+    ``query_out``/``key_out``: ``query``'s/``key``'s shape and dtype, rows possibly strided;
+    ``key_out`` is None exactly when ``key`` is. Arguments otherwise as ``rotary_embedding``.
+
+    The form vLLM's compiled graphs call (:mod:`fl_dispatch.vllm_glue.layers`): there q and k
+    are views of the qkv projection, and Inductor (auto_functionalized v1) copies the whole
+    of each view before an op that writes it in place; fresh outputs need no copy. A backend
+    that implements only ``rotary_embedding`` is still served: the glue then rotates copies
+    with it."""
+    _check_out_args(positions, query, key, head_size, cos_sin_cache, is_neox, query_out,
+                    key_out)
+    query_out.copy_(query)
+    if key is not None and key_out is not None:
+        key_out.copy_(key)
+    rotary_embedding.fn(positions, query_out, key_out, head_size, cos_sin_cache, is_neox)
+
+
 @rotary_embedding.cases
 def _cases(dtype: str, size: str) -> list:
     from fl_dispatch.testing.inputs import rope_cases
@@ -66,3 +118,19 @@ def _bench(tokens: int, dims, dtype: str) -> list:
     return [rope_case(tokens, dims.heads, dims.kv_heads, dims.head_size, dims.head_size, dtype,
                       is_neox=True, cache_dtype="same", max_position=max(4096, tokens),
                       angles="quarter")]
+
+
+@rotary_embedding_out.cases
+def _out_cases(dtype: str, size: str) -> list:
+    from fl_dispatch.testing.inputs import rope_cases
+
+    return rope_cases(dtype, size, out=True)
+
+
+@rotary_embedding_out.bench
+def _out_bench(tokens: int, dims, dtype: str) -> list:
+    from fl_dispatch.testing.inputs import rope_case
+
+    return [rope_case(tokens, dims.heads, dims.kv_heads, dims.head_size, dims.head_size, dtype,
+                      is_neox=True, cache_dtype="same", max_position=max(4096, tokens),
+                      out=True)]
