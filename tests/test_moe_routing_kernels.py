@@ -209,6 +209,66 @@ def test_grouped_topk_ties_and_masked_rows():
     _check_grouped(s.to(DEVICE), groups, keep, k, False, 2.0, bias.to(DEVICE), 1)
 
 
+def _edge_rows(experts: int, groups: int, seed: int) -> torch.Tensor:
+    """Random rows, then rows with ties, zeros, -inf, +inf, -0.0, NaN (one value, a group, a
+    whole row), one finite value in a group, and whole groups tied."""
+    epg = experts // groups
+    s = torch.randn(16, experts, generator=_gen(seed))
+    s[1, : 2 * epg] = 3.0  # two tied groups, tied experts
+    s[2] = 0.0
+    s[3] = float("-inf")
+    s[4, ::3] = float("inf")
+    s[5, ::2] = -0.0
+    s[5, 1::2] = 0.0
+    s[6, 5] = float("nan")
+    s[7, :epg] = float("nan")
+    s[8] = float("nan")
+    s[9, epg:2 * epg] = float("-inf")
+    s[9, epg + 3] = 1.0  # a group with one finite value
+    s[10] = (torch.arange(experts) % epg).float()  # every group tied
+    s[11, :epg] = float("nan")
+    s[11, 2] = 0.5
+    return s
+
+
+@pytest.mark.parametrize("experts,groups,keep,k", [(256, 8, 4, 8), (64, 8, 3, 6),
+                                                   (512, 16, 4, 8), (128, 4, 2, 12)])
+def test_grouped_topk_lanes_kernel_equals_the_general_kernel(experts, groups, keep, k,
+                                                             monkeypatch):
+    """The decode kernel (sorted lane lists, grouped_topk_lanes_kernel) against the general
+    one on the same rows, edge rows included: the same ids and, but for the last bit of the
+    renormalising sum (summed in another order), the same weights; the lanes kernel is the one
+    launched for these shapes at decode sizes."""
+    mr = _mr()
+    launched = []
+    real = mr._launch
+    monkeypatch.setattr(mr, "_launch", lambda kern, *a: (launched.append(kern), real(kern, *a)))
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = _edge_rows(experts, groups, seed=experts + k).to(dtype).to(DEVICE)
+        bias = (_randn(experts, seed=3) * 0.1).to(dtype)
+        for func, renorm, rsf, b in ((1, True, 2.5, bias), (0, False, 1.0, None),
+                                     (0, True, 1.0, bias), (1, False, 2.0, None)):
+            assert mr.grouped_topk_lanes(16, experts, groups) >= 1
+            got = mr.grouped_topk(scores, groups, keep, k, renorm, rsf, b, func)
+            with monkeypatch.context() as m:
+                m.setattr(mr, "grouped_topk_lanes", lambda *a: 0)
+                want = mr.grouped_topk(scores, groups, keep, k, renorm, rsf, b, func)
+            assert torch.equal(got[1], want[1]), (got[1], want[1])
+            torch.testing.assert_close(got[0], want[0], rtol=3e-7, atol=0, equal_nan=True)
+    lanes = [kern for kern in launched if kern is mr.GROUPED_TOPK_LANES_KERNEL]
+    assert len(lanes) == len(launched) // 2 == 8
+
+
+def test_grouped_topk_lanes_applies_only_where_its_layout_does():
+    mr = _mr()
+    assert mr.grouped_topk_lanes(1, 256, 8) == 1  # DeepSeek-V3 at decode
+    assert mr.grouped_topk_lanes(1, 512, 16) == 2
+    assert mr.grouped_topk_lanes(1, 96, 8) == 0  # 12 experts per group: not a power of two
+    assert mr.grouped_topk_lanes(1, 16, 4) == 0  # 4 experts per group: less than a lane's 8
+    assert mr.grouped_topk_lanes(1, 1024, 32) == 0  # more groups than its bitmask holds
+    assert mr.grouped_topk_lanes(16384, 256, 8) == 0  # prefill: the general kernel
+
+
 # ----------------------------------------------------------------------------- vLLM paths
 
 def _vllm_grouped():

@@ -27,6 +27,9 @@ TOPK_SOFTMAX_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_routing", "topk_softmax_
                                    do_not_specialize=("n_rows",))
 GROUPED_TOPK_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_routing", "grouped_topk_kernel",
                                    do_not_specialize=("n_rows", "scaling"))
+GROUPED_TOPK_LANES_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_routing",
+                                         "grouped_topk_lanes_kernel",
+                                         do_not_specialize=("scaling",))
 ALIGN_SMALL_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_small_kernel",
                                   do_not_specialize=("numel", "sorted_len", "eids_len"))
 ALIGN_COUNT_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_count_kernel",
@@ -46,7 +49,8 @@ ALIGN_FAN_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_align_fan_kern
                                                    "blocks_per_prog"))
 MOE_SUM_KERNEL = TritonKernel(f"{_PKG}.kernels_moe_align", "moe_sum_kernel",
                               do_not_specialize=("n_rows", "n_hblocks"))
-KERNELS = (TOPK_SOFTMAX_KERNEL, GROUPED_TOPK_KERNEL, ALIGN_SMALL_KERNEL, ALIGN_COUNT_KERNEL,
+KERNELS = (TOPK_SOFTMAX_KERNEL, GROUPED_TOPK_KERNEL, GROUPED_TOPK_LANES_KERNEL,
+           ALIGN_SMALL_KERNEL, ALIGN_COUNT_KERNEL,
            ALIGN_SCAN_KERNEL, ALIGN_SCATTER_KERNEL, ALIGN_ONE_KERNEL, ALIGN_PLACE_KERNEL,
            ALIGN_FAN_KERNEL, MOE_SUM_KERNEL)
 
@@ -104,6 +108,23 @@ def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, in
     be = pow2(groups) * pow2(experts // groups)
     bt = max(1, min(max(1, 2048 // be), 2, pow2(_cdiv(tokens, SM_WAVE))))
     return bt, max(1, min(4, bt * be // 512))
+
+
+def grouped_topk_lanes(tokens: int, experts: int, groups: int) -> int:
+    """num_warps of ``grouped_topk_lanes_kernel`` for this call, or 0 when it does not apply:
+    it needs groups and experts per group powers of two, 8 or more experts per group and at
+    most 16 groups, and serves the sizes where ``grouped_topk_config`` gives one row per
+    program (decode). One warp per 32 lanes of 8 experts, at most 4.
+
+    H200, DeepSeek-V3 (E 256 in 8 groups, keep 4, top-8, sigmoid, bias), bf16, CUDA-graph
+    replay (``bench/probe_gtopk.py``, 2026-12-02): 2.03 / 2.10 / 2.17 / 2.33 us at 1 / 16 /
+    64 / 256 tokens against grouped_topk_kernel's 3.03 / 3.08 / 3.06 / 3.18 (one warp; two
+    warps: 3.10 at one token)."""
+    epg = experts // groups
+    if (groups > 16 or epg < 8 or epg % 8 or pow2(groups) != groups or pow2(epg) != epg
+            or grouped_topk_config(tokens, experts, groups)[0] != 1):
+        return 0
+    return max(1, min(4, experts // 256))
 
 
 SMALL_ALIGN_MAX = 4096
@@ -322,8 +343,16 @@ def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, t
         return weights, ids
     s = _rows_view(scores)
     epg = experts // num_expert_group
-    bt, warps = grouped_topk_config(tokens, experts, num_expert_group)
     has_bias = bias is not None
+    lanes = grouped_topk_lanes(tokens, experts, num_expert_group)
+    if lanes:
+        _launch(GROUPED_TOPK_LANES_KERNEL, (tokens, 1, 1),
+                (s, bias if has_bias else s, weights, ids),
+                (s.stride(0), float(routed_scaling_factor)),
+                (num_expert_group, epg, topk, topk_group, int(scoring_func), has_bias,
+                 bool(renormalize)), lanes)
+        return weights, ids
+    bt, warps = grouped_topk_config(tokens, experts, num_expert_group)
     _launch(GROUPED_TOPK_KERNEL, (_cdiv(tokens, bt), 1, 1),
             (s, bias if has_bias else s, weights, ids),
             (tokens, s.stride(0), float(routed_scaling_factor)),
