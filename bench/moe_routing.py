@@ -446,8 +446,13 @@ def sweep(tokens, rep: int, ops: frozenset[str] = frozenset(OPS)) -> list[dict]:
             return rows
         s = topk_inputs(t, e, k, seed=t)
 
-        def gcall(s=s):
-            mr.grouped_topk(s, ng, tg, k, True, 2.5, bias, 1)
+        def gcall(s=s):  # the general kernel: the one grouped_topk_config configures
+            lanes = mr.grouped_topk_lanes
+            mr.grouped_topk_lanes = lambda *args: 0
+            try:
+                mr.grouped_topk(s, ng, tg, k, True, 2.5, bias, 1)
+            finally:
+                mr.grouped_topk_lanes = lanes
 
         gcall.cfg_args = (t, e, ng)
         cands = [(bt, w) for bt in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8)

@@ -644,15 +644,60 @@ def probe(out: list[str], ok: list) -> None:
                                                           key=lambda kv: sum(kv[1]))[:8]))
 
 
+def lanes_range(out: list[str]) -> None:
+    """The shipped decode kernel (grouped_topk_lanes_kernel) against the general kernel at
+    prefill sizes, where grouped_topk_lanes does not pick it yet: both through
+    ``moe_routing.grouped_topk``, the rule forced either way; ids must agree."""
+    from fl_dispatch_flagos import moe_routing as mr
+
+    rule = mr.grouped_topk_lanes
+    g = torch.Generator().manual_seed(0)
+    bias = (torch.randn(E, generator=g) * 0.05).to(torch.bfloat16).cuda()
+
+    def forced(warps: int):
+        def run(s):
+            mr.grouped_topk_lanes = lambda *args: warps
+            try:
+                return mr.grouped_topk(s, NG, TG, K, True, RSF, bias, 1)
+            finally:
+                mr.grouped_topk_lanes = rule
+        return run
+
+    for t in (256, 512, 1024, 2048, 4096, 16384):
+        s = torch.randn(t, E, device="cuda", generator=torch.Generator(device="cuda")
+                        .manual_seed(t)).to(torch.bfloat16)
+        runs = {"general": forced(0), "lanes w1": forced(1), "lanes w2": forced(2)}
+        want = runs["general"](s)[1]
+        fns = {}
+        for k, run in runs.items():
+            if not torch.equal(run(s)[1], want):
+                out.append(f"T={t} {k}: ids MISMATCH")
+                continue
+            fns[k] = lambda run=run, s=s: run(s)
+        times = _time(fns)
+        out.append(f"T={t:5d} " + "  ".join(f"{k} {v:7.3f} us" for k, v in times.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--check", action="store_true", help="correctness only (any device)")
+    p.add_argument("--lanes-range", action="store_true",
+                   help="the shipped lanes kernel vs the general one at 256-16384 tokens")
     p.add_argument("--out", default="")
     p.add_argument("--only", default="", help="comma-separated substrings of variant labels")
     a = p.parse_args()
     if INTERP:  # numpy's all-NaN / invalid-value warnings from the interpreted kernels
         warnings.filterwarnings("ignore", category=RuntimeWarning)
     dev = "cpu" if INTERP or not torch.cuda.is_available() else "cuda"
+    if a.lanes_range:
+        out_l: list[str] = []
+        lanes_range(out_l)
+        print("\n".join(out_l))
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, "probe-gtopk-lanes-range.txt"), "w") as f:
+                f.write("\n".join(out_l) + "\n")
+        return
     variants = [v for v in VARIANTS
                 if not a.only or any(o in v[0] for o in a.only.split(","))]
     out: list[str] = []

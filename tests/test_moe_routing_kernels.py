@@ -235,10 +235,10 @@ def _edge_rows(experts: int, groups: int, seed: int) -> torch.Tensor:
                                                    (512, 16, 4, 8), (128, 4, 2, 12)])
 def test_grouped_topk_lanes_kernel_equals_the_general_kernel(experts, groups, keep, k,
                                                              monkeypatch):
-    """The decode kernel (sorted lane lists, grouped_topk_lanes_kernel) against the general
+    """The lanes kernel (sorted lane lists, grouped_topk_lanes_kernel) against the general
     one on the same rows, edge rows included: the same ids and, but for the last bit of the
     renormalising sum (summed in another order), the same weights; the lanes kernel is the one
-    launched for these shapes at decode sizes."""
+    launched for these shapes."""
     mr = _mr()
     launched = []
     real = mr._launch
@@ -266,7 +266,7 @@ def test_grouped_topk_lanes_applies_only_where_its_layout_does():
     assert mr.grouped_topk_lanes(1, 96, 8) == 0  # 12 experts per group: not a power of two
     assert mr.grouped_topk_lanes(1, 16, 4) == 0  # 4 experts per group: less than a lane's 8
     assert mr.grouped_topk_lanes(1, 1024, 32) == 0  # more groups than its bitmask holds
-    assert mr.grouped_topk_lanes(16384, 256, 8) == 0  # prefill: the general kernel
+    assert mr.grouped_topk_lanes(16384, 256, 8) == 1  # prefill too
 
 
 # ----------------------------------------------------------------------------- vLLM paths

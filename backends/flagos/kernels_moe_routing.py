@@ -182,8 +182,8 @@ def grouped_topk_kernel(
 
 
 # ----------------------------------------------------------------------------- grouped_topk,
-# one row per program with sorted lane lists (decode sizes; bench/probe_gtopk.py: 2.03 against
-# 3.03 us for grouped_topk_kernel at one token of DeepSeek-V3's routing on an H200)
+# one row per program with sorted lane lists (bench/probe_gtopk.py, DeepSeek-V3's routing on an
+# H200: 2.03 against 3.03 us for grouped_topk_kernel at one token, 19.09 against 27.04 at 16384)
 
 _I64_MIN: tl.constexpr = tl.constexpr(-9223372036854775808)
 

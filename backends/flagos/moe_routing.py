@@ -100,7 +100,8 @@ def topk_softmax_config(tokens: int, experts: int, topk: int) -> tuple[int, int]
 
 @functools.lru_cache(maxsize=4096)
 def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps) for grouped_topk (same reasoning as topk_softmax), at most 2 rows
+    """(BLOCK_T, num_warps) for grouped_topk_kernel, the general kernel, which serves the
+    shapes ``grouped_topk_lanes`` does not take (same reasoning as topk_softmax), at most 2 rows
     per program: its group stage adds reductions that favour more, smaller programs (H200,
     E 256 in 8 groups, `bench/moe_routing.py --sweep --quick`, 2026-11-30: one row and one
     warp best at 1 and 64 tokens, 2.83 / 3.03 µs; two rows, one warp at 16384, 27.1 µs
@@ -111,18 +112,18 @@ def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, in
 
 
 def grouped_topk_lanes(tokens: int, experts: int, groups: int) -> int:
-    """num_warps of ``grouped_topk_lanes_kernel`` for this call, or 0 when it does not apply:
-    it needs groups and experts per group powers of two, 8 or more experts per group and at
-    most 16 groups, and serves the sizes where ``grouped_topk_config`` gives one row per
-    program (decode). One warp per 32 lanes of 8 experts, at most 4.
+    """num_warps of ``grouped_topk_lanes_kernel`` for this call, or 0 when it does not apply
+    (then ``grouped_topk_kernel``): it needs groups and experts per group powers of two, 8 or
+    more experts per group and at most 16 groups. One row per program at every size; one warp
+    per 32 lanes of 8 experts, at most 4.
 
     H200, DeepSeek-V3 (E 256 in 8 groups, keep 4, top-8, sigmoid, bias), bf16, CUDA-graph
-    replay (``bench/probe_gtopk.py``, 2026-12-02): 2.03 / 2.10 / 2.17 / 2.33 us at 1 / 16 /
-    64 / 256 tokens against grouped_topk_kernel's 3.03 / 3.08 / 3.06 / 3.18 (one warp; two
-    warps: 3.10 at one token)."""
+    replay, against grouped_topk_kernel with its own configs (``bench/probe_gtopk.py``,
+    2026-12-02): 2.03 / 2.10 / 2.17 / 2.33 us against 3.03 / 3.08 / 3.06 / 3.18 at 1 / 16 / 64
+    / 256 tokens; ``--lanes-range``: 2.89 / 6.16 / 19.09 against 3.89 / 8.26 / 27.04 at 1024 /
+    4096 / 16384. Two warps for E 256 lose at every size (2.81 to 37.0 us)."""
     epg = experts // groups
-    if (groups > 16 or epg < 8 or epg % 8 or pow2(groups) != groups or pow2(epg) != epg
-            or grouped_topk_config(tokens, experts, groups)[0] != 1):
+    if groups > 16 or epg < 8 or epg % 8 or pow2(groups) != groups or pow2(epg) != epg:
         return 0
     return max(1, min(4, experts // 256))
 
