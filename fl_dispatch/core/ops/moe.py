@@ -222,7 +222,9 @@ def grouped_topk(
     (others ``-inf``; ties: lower expert index), descending. Weights = ``f`` at ``ids``;
     ``renormalize``: ``w / (sum(w) + 1e-20) * routed_scaling_factor``, else
     ``w * routed_scaling_factor``. A row whose group scores are all non-finite (-inf / NaN)
-    gets ids ``0..topk-1`` and weights ``1/topk``.
+    gets ids ``0..topk-1`` and weights ``1/topk`` (vLLM 0.25's CUDA kernel returns NaN
+    weights there). Which experts a NaN score selects is unspecified: impls differ (the
+    reference never selects one; docs/performance.md, "Non-finite rows").
     """
     _check_grouped_topk(scores, num_expert_group, topk_group, topk, renormalize,
                         routed_scaling_factor, bias, scoring_func)
