@@ -447,12 +447,7 @@ def sweep(tokens, rep: int, ops: frozenset[str] = frozenset(OPS)) -> list[dict]:
         s = topk_inputs(t, e, k, seed=t)
 
         def gcall(s=s):  # the general kernel: the one grouped_topk_config configures
-            lanes = mr.grouped_topk_lanes
-            mr.grouped_topk_lanes = lambda *args: 0
-            try:
-                mr.grouped_topk(s, ng, tg, k, True, 2.5, bias, 1)
-            finally:
-                mr.grouped_topk_lanes = lanes
+            mr.grouped_topk_variant(0)(s, ng, tg, k, True, 2.5, bias, 1)
 
         gcall.cfg_args = (t, e, ng)
         cands = [(bt, w) for bt in (1, 2, 4, 8, 16, 32) for w in (1, 2, 4, 8)

@@ -114,22 +114,29 @@ INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 
 
 def _general():
-    """``moe_routing`` with ``grouped_topk`` pinned to the general ``grouped_topk_kernel`` (the
-    ground truth here and the "shipped" row): the decode kernel that ships since this probe,
-    ``grouped_topk_lanes_kernel``, is variant ``g2 s2 e2 c`` with its sum in id order."""
+    """``grouped_topk`` pinned to the general ``grouped_topk_kernel`` (the ground truth here and
+    the "shipped" row): the kernel that ships since this probe, ``grouped_topk_lanes_kernel``,
+    is variant ``g2 s2 e2 c`` with its sum in id order."""
     from fl_dispatch_flagos import moe_routing as mr
 
-    mr.grouped_topk_lanes = lambda *args: 0
-    return mr
+    return mr.grouped_topk_variant(0)
 
 
 # ----------------------------------------------------------------------------- jit helpers
 
-@triton.jit
-def _ord(v):
-    """fp32 -> int32 in the float's order, -0.0 and +0.0 tying: the shipped key's high word."""
-    bits = (v + 0.0).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _shipped_helpers():
+    """The shipped kernel module's ``_ord32`` (fp32 -> int32 in the float's order, -0.0 and
+    +0.0 tying: the key's high word) and its sorting networks ``_sort4``/``_sort8`` (of int64
+    keys, descending, payloads along), decorated as the launcher decorates them (with the
+    helpers they call), here with this script's ``triton.jit``."""
+    from fl_dispatch_flagos import kernels_moe_routing as kmr
+    from fl_dispatch_flagos.launcher import bind_helpers
+
+    helpers = bind_helpers(kmr.grouped_topk_lanes_kernel, kmr, triton.jit).__globals__
+    return helpers["_ord32"], helpers["_sort4"], helpers["_sort8"]
+
+
+_ord, _sort4, _sort8 = _shipped_helpers()
 
 
 @triton.jit
@@ -147,41 +154,6 @@ def _score(srow, bias_ptr, expert, SCORING: tl.constexpr):
     else:
         f = x
     return f, f + tl.load(bias_ptr + expert).to(tl.float32)
-
-
-@triton.jit
-def _ce(a, b, pa, pb):
-    """Compare-exchange of int64 keys, descending, payloads along."""
-    gt = a > b
-    return tl.where(gt, a, b), tl.where(gt, b, a), tl.where(gt, pa, pb), tl.where(gt, pb, pa)
-
-
-@triton.jit
-def _sort4(k0, k1, k2, k3, p0, p1, p2, p3):
-    """Sorting network, 5 compare-exchanges (depth 3), descending."""
-    k0, k1, p0, p1 = _ce(k0, k1, p0, p1)
-    k2, k3, p2, p3 = _ce(k2, k3, p2, p3)
-    k0, k2, p0, p2 = _ce(k0, k2, p0, p2)
-    k1, k3, p1, p3 = _ce(k1, k3, p1, p3)
-    k1, k2, p1, p2 = _ce(k1, k2, p1, p2)
-    return k0, k1, k2, k3, p0, p1, p2, p3
-
-
-@triton.jit
-def _sort8(k0, k1, k2, k3, k4, k5, k6, k7, p0, p1, p2, p3, p4, p5, p6, p7):
-    """Batcher's odd-even merge sort, 19 compare-exchanges (depth 6), descending."""
-    k0, k1, k2, k3, p0, p1, p2, p3 = _sort4(k0, k1, k2, k3, p0, p1, p2, p3)
-    k4, k5, k6, k7, p4, p5, p6, p7 = _sort4(k4, k5, k6, k7, p4, p5, p6, p7)
-    k0, k4, p0, p4 = _ce(k0, k4, p0, p4)
-    k1, k5, p1, p5 = _ce(k1, k5, p1, p5)
-    k2, k6, p2, p6 = _ce(k2, k6, p2, p6)
-    k3, k7, p3, p7 = _ce(k3, k7, p3, p7)
-    k2, k4, p2, p4 = _ce(k2, k4, p2, p4)
-    k3, k5, p3, p5 = _ce(k3, k5, p3, p5)
-    k1, k2, p1, p2 = _ce(k1, k2, p1, p2)
-    k3, k4, p3, p4 = _ce(k3, k4, p3, p4)
-    k5, k6, p5, p6 = _ce(k5, k6, p5, p6)
-    return k0, k1, k2, k3, k4, k5, k6, k7, p0, p1, p2, p3, p4, p5, p6, p7
 
 
 @triton.jit
@@ -565,11 +537,11 @@ def _cases(dev: str, tokens) -> list[tuple[str, torch.Tensor, int]]:
 def check(dev: str, tokens, variants) -> dict[str, str]:
     """Every variant against the shipped kernel on every case: label -> '' or the first
     mismatch."""
-    mr = _general()
+    general = _general()
 
     g = torch.Generator().manual_seed(0)
     bias = (torch.randn(E, generator=g) * 0.05).to(torch.bfloat16).to(dev)
-    cases = [(n, s, f, mr.grouped_topk(s, NG, TG, K, True, RSF, bias, f))
+    cases = [(n, s, f, general(s, NG, TG, K, True, RSF, bias, f))
              for n, s, f in _cases(dev, tokens)]
     result = {}
     for label, cfg, warps in variants:
@@ -607,7 +579,7 @@ def _time(fns: dict, rounds: int = 3, rep: int = 100) -> dict[str, float]:
 
 
 def probe(out: list[str], ok: list) -> None:
-    mr = _general()
+    general = _general()
     from moe_routing import _load_vllm
 
     vllm = _load_vllm()
@@ -624,7 +596,7 @@ def probe(out: list[str], ok: list) -> None:
             continue
         gen = torch.Generator(device="cuda").manual_seed(t)
         s = torch.randn(t, E, device="cuda", generator=gen).to(torch.bfloat16)
-        fns = {"ours (shipped)": lambda s=s: mr.grouped_topk(s, NG, TG, K, True, RSF, bias, 1)}
+        fns = {"ours (shipped)": lambda s=s: general(s, NG, TG, K, True, RSF, bias, 1)}
         if vllm is not None:
             fns["vllm _moe_C"] = lambda s=s: vllm.grouped_topk(s, NG, TG, K, True, RSF, bias, 1)
         for label, cfg, warps in ok:
@@ -646,22 +618,16 @@ def probe(out: list[str], ok: list) -> None:
 
 def lanes_range(out: list[str]) -> None:
     """The shipped decode kernel (grouped_topk_lanes_kernel) against the general kernel at
-    prefill sizes, where grouped_topk_lanes does not pick it yet: both through
-    ``moe_routing.grouped_topk``, the rule forced either way; ids must agree."""
+    prefill sizes (where its first rule did not pick it): both through
+    ``moe_routing.grouped_topk_variant``; ids must agree."""
     from fl_dispatch_flagos import moe_routing as mr
 
-    rule = mr.grouped_topk_lanes
     g = torch.Generator().manual_seed(0)
     bias = (torch.randn(E, generator=g) * 0.05).to(torch.bfloat16).cuda()
 
     def forced(warps: int):
-        def run(s):
-            mr.grouped_topk_lanes = lambda *args: warps
-            try:
-                return mr.grouped_topk(s, NG, TG, K, True, RSF, bias, 1)
-            finally:
-                mr.grouped_topk_lanes = rule
-        return run
+        variant = mr.grouped_topk_variant(warps)
+        return lambda s: variant(s, NG, TG, K, True, RSF, bias, 1)
 
     for t in (256, 512, 1024, 2048, 4096, 16384):
         s = torch.randn(t, E, device="cuda", generator=torch.Generator(device="cuda")

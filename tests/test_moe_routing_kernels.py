@@ -243,16 +243,15 @@ def test_grouped_topk_lanes_kernel_equals_the_general_kernel(experts, groups, ke
     launched = []
     real = mr._launch
     monkeypatch.setattr(mr, "_launch", lambda kern, *a: (launched.append(kern), real(kern, *a)))
+    general = mr.grouped_topk_variant(0)
     for dtype in (torch.float32, torch.bfloat16):
         scores = _edge_rows(experts, groups, seed=experts + k).to(dtype).to(DEVICE)
         bias = (_randn(experts, seed=3) * 0.1).to(dtype)
         for func, renorm, rsf, b in ((1, True, 2.5, bias), (0, False, 1.0, None),
                                      (0, True, 1.0, bias), (1, False, 2.0, None)):
-            assert mr.grouped_topk_lanes(16, experts, groups) >= 1
+            assert mr.grouped_topk_lanes(experts, groups) >= 1
             got = mr.grouped_topk(scores, groups, keep, k, renorm, rsf, b, func)
-            with monkeypatch.context() as m:
-                m.setattr(mr, "grouped_topk_lanes", lambda *a: 0)
-                want = mr.grouped_topk(scores, groups, keep, k, renorm, rsf, b, func)
+            want = general(scores, groups, keep, k, renorm, rsf, b, func)
             assert torch.equal(got[1], want[1]), (got[1], want[1])
             torch.testing.assert_close(got[0], want[0], rtol=3e-7, atol=0, equal_nan=True)
     lanes = [kern for kern in launched if kern is mr.GROUPED_TOPK_LANES_KERNEL]
@@ -261,12 +260,25 @@ def test_grouped_topk_lanes_kernel_equals_the_general_kernel(experts, groups, ke
 
 def test_grouped_topk_lanes_applies_only_where_its_layout_does():
     mr = _mr()
-    assert mr.grouped_topk_lanes(1, 256, 8) == 1  # DeepSeek-V3 at decode
-    assert mr.grouped_topk_lanes(1, 512, 16) == 2
-    assert mr.grouped_topk_lanes(1, 96, 8) == 0  # 12 experts per group: not a power of two
-    assert mr.grouped_topk_lanes(1, 16, 4) == 0  # 4 experts per group: less than a lane's 8
-    assert mr.grouped_topk_lanes(1, 1024, 32) == 0  # more groups than its bitmask holds
-    assert mr.grouped_topk_lanes(16384, 256, 8) == 1  # prefill too
+    assert mr.grouped_topk_lanes(256, 8) == 1  # DeepSeek-V3
+    assert mr.grouped_topk_lanes(512, 16) == 2
+    assert mr.grouped_topk_lanes(96, 8) == 0  # 12 experts per group: not a power of two
+    assert mr.grouped_topk_lanes(16, 4) == 0  # 4 experts per group: less than a lane's 8
+    assert mr.grouped_topk_lanes(1024, 32) == 0  # more groups than its bitmask holds
+
+
+def test_grouped_topk_lanes_kernel_serves_prefill_sizes_too(monkeypatch):
+    """Past the sizes where the general kernel takes one row per program (264 tokens), the
+    lanes kernel still runs, one row per program, and still gives the reference's routes."""
+    mr = _mr()
+    launched = []
+    real = mr._launch
+    monkeypatch.setattr(mr, "_launch", lambda kern, grid, *a: (launched.append((kern, grid)),
+                                                               real(kern, grid, *a)))
+    scores = _randn(300, 64, seed=7)
+    assert mr.grouped_topk_config(300, 64, 8)[0] > 1  # the general kernel: several rows
+    _check_grouped(scores, 8, 3, 6, True, 2.5, None, 1)
+    assert launched == [(mr.GROUPED_TOPK_LANES_KERNEL, (300, 1, 1))]
 
 
 # ----------------------------------------------------------------------------- vLLM paths

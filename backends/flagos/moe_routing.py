@@ -111,8 +111,9 @@ def grouped_topk_config(tokens: int, experts: int, groups: int) -> tuple[int, in
     return bt, max(1, min(4, bt * be // 512))
 
 
-def grouped_topk_lanes(tokens: int, experts: int, groups: int) -> int:
-    """num_warps of ``grouped_topk_lanes_kernel`` for this call, or 0 when it does not apply
+@functools.lru_cache(maxsize=4096)
+def grouped_topk_lanes(experts: int, groups: int) -> int:
+    """num_warps of ``grouped_topk_lanes_kernel`` for this shape, or 0 when it does not apply
     (then ``grouped_topk_kernel``): it needs groups and experts per group powers of two, 8 or
     more experts per group and at most 16 groups. One row per program at every size; one warp
     per 32 lanes of 8 experts, at most 4.
@@ -334,6 +335,32 @@ def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, t
     index); weights ``f`` at the ids (``:148-151``), ``w/(sum+1e-20)*rsf`` or ``w*rsf``; a row
     without a finite group score gets ``1/topk`` on experts ``0..topk-1``. ``bias=None`` means
     zeros. Returns ``(weights fp32 [T, topk], ids int32 [T, topk])``."""
+    return _grouped_topk_run(scores, num_expert_group, topk_group, topk, renormalize,
+                             routed_scaling_factor, bias, scoring_func, None)
+
+
+def grouped_topk_variant(lanes: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``grouped_topk`` (same signature, same argument checks) with its kernel forced,
+    whatever ``grouped_topk_lanes`` says: ``lanes`` 0, ``grouped_topk_kernel`` (launched as
+    ``grouped_topk_config`` says); else ``grouped_topk_lanes_kernel`` with that many warps
+    (the shape must suit its layout). For the bench and the tests."""
+
+    def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, topk: int,
+                     renormalize: bool, routed_scaling_factor: float,
+                     bias: torch.Tensor | None,
+                     scoring_func: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return _grouped_topk_run(scores, num_expert_group, topk_group, topk, renormalize,
+                                 routed_scaling_factor, bias, scoring_func, lanes)
+
+    return checked(grouped_topk)
+
+
+def _grouped_topk_run(scores: torch.Tensor, num_expert_group: int, topk_group: int,
+                      topk: int, renormalize: bool, routed_scaling_factor: float,
+                      bias: torch.Tensor | None, scoring_func: int,
+                      lanes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's checks and outputs, then the kernel: ``lanes`` warps of the lanes
+    kernel, 0 for the general kernel, None for what ``grouped_topk_lanes`` says."""
     op = "grouped_topk"
     _check_float(op, "scores", scores)
     tokens, experts = scores.shape
@@ -345,7 +372,8 @@ def grouped_topk(scores: torch.Tensor, num_expert_group: int, topk_group: int, t
     s = _rows_view(scores)
     epg = experts // num_expert_group
     has_bias = bias is not None
-    lanes = grouped_topk_lanes(tokens, experts, num_expert_group)
+    if lanes is None:
+        lanes = grouped_topk_lanes(experts, num_expert_group)
     if lanes:
         _launch(GROUPED_TOPK_LANES_KERNEL, (tokens, 1, 1),
                 (s, bias if has_bias else s, weights, ids),
